@@ -1,0 +1,28 @@
+# ResNet20-BAS on CIFAR-10: the recipe of the paper, section 5.1. Data,
+# optimizer and schedule are the dense baseline's; this file adds the gates
+# and their losses.
+_base_ = ['./resnet20_cifar10.py']
+
+# gamma of the L0 loss (Eq. 5). The paper's trade-off sweep is
+# {1, 2, 5, 10, 15, 20}e-2: --cfg-options l0_gamma=0.1
+l0_gamma = 0.05
+
+model = dict(
+    type='GatedImageClassifier',
+    backbone=dict(type='GatedResNetCifar', gate_cfg=dict(tau=2 / 3)),
+    # Paper: lambda_0 = 0.75 with a Beta(0.6, 0.4) prior.
+    batch_shaping_loss=dict(
+        type='BatchShapingLoss',
+        prior=dict(type='beta', a=0.6, b=0.4),
+        loss_weight=0.75),
+    l0_loss=dict(type='GateL0Loss', loss_weight=0.0))
+# Paper: "No weight decay was applied on the parameters of the gating
+# modules."
+optim_wrapper = dict(
+    paramwise_cfg=dict(custom_keys={'.gate': dict(decay_mult=0.0)}))
+custom_hooks = [
+    # Paper: lambda annealed linearly from 0.75 to 0 by epoch 100.
+    dict(type='BatchShapingWeightHook', end=100),
+    # Paper: L0 from epoch 100, rising linearly to gamma at epoch 300.
+    dict(type='L0WeightHook', start=100, end=300),
+]

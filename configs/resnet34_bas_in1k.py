@@ -1,0 +1,29 @@
+# ResNet34-BAS on ImageNet: the recipe of the paper, section 5.2 (72.55 %
+# top-1 at the MACs of a ResNet-18). Data, optimizer and schedule are the
+# dense baseline's; this file adds the gates and their losses.
+_base_ = ['./resnet34_in1k_150e.py']
+custom_imports = dict(imports=['mmgated'], allow_failed_imports=False)
+
+# gamma of the L0 loss (Eq. 5). The paper's trade-off sweep is
+# {1, 2, 5, 10, 15, 20, 30, 40}e-2: --cfg-options l0_gamma=0.2
+l0_gamma = 0.05
+
+model = dict(
+    type='GatedImageClassifier',
+    backbone=dict(type='GatedResNet', gate_cfg=dict(tau=2 / 3)),
+    # Paper: lambda_0 = 0.75 with a Beta(0.6, 0.4) prior.
+    batch_shaping_loss=dict(
+        type='BatchShapingLoss',
+        prior=dict(type='beta', a=0.6, b=0.4),
+        loss_weight=0.75),
+    l0_loss=dict(type='GateL0Loss', loss_weight=0.0))
+# Paper (CIFAR-10, "similar settings" on ImageNet): no weight decay on the
+# gating modules.
+optim_wrapper = dict(
+    paramwise_cfg=dict(custom_keys={'.gate': dict(decay_mult=0.0)}))
+custom_hooks = [
+    # Paper: lambda annealed linearly from 0.75 to 0 by epoch 20.
+    dict(type='BatchShapingWeightHook', end=20),
+    # Paper: L0 from epoch 30, rising linearly to gamma at epoch 60.
+    dict(type='L0WeightHook', start=30, end=60),
+]

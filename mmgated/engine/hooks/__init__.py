@@ -1,0 +1,8 @@
+from .loss_weight_schedule_hooks import (BatchShapingWeightHook, L0WeightHook,
+                                         LossWeightScheduleHook)
+from .progress_bar_hook import TrainProgressBarHook
+
+__all__ = [
+    'BatchShapingWeightHook', 'L0WeightHook', 'LossWeightScheduleHook',
+    'TrainProgressBarHook'
+]

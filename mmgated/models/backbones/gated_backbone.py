@@ -1,0 +1,38 @@
+"""What every gated ResNet backbone adds to its upstream dense class."""
+from ..gates import check_gated_stages, parse_gate_cfg
+
+
+class GatedBackboneMixin:
+    """Pass ``gate_cfg`` to the blocks of the gated stages.
+
+    Put before the upstream ResNet class in the bases. The upstream
+    ``__init__`` builds the stages through ``make_res_layer``, in order; this
+    mixin adds ``gate_cfg`` to the blocks of the stages listed in
+    ``gate_cfg['stages']`` (all stages when it is ``None``). The blocks of
+    ``arch_settings`` must be gated blocks, which are dense without a
+    ``gate_cfg``.
+
+    Args:
+        gate_cfg (dict, optional): See
+            :func:`mmgated.models.gates.parse_gate_cfg`.
+    """
+
+    def __init__(self, *args, gate_cfg=None, **kwargs):
+        depth = kwargs['depth'] if 'depth' in kwargs else args[0]
+        if depth not in self.arch_settings:
+            raise KeyError(f'invalid depth {depth!r} for {type(self).__name__}'
+                           f'; allowed depths are {sorted(self.arch_settings)}')
+        # Set before the upstream __init__, which calls make_res_layer.
+        self.gate_cfg = parse_gate_cfg(gate_cfg)
+        self._next_stage = 0
+        super().__init__(*args, **kwargs)
+        check_gated_stages(self.gate_cfg['stages'], self.num_stages)
+        del self._next_stage
+
+    def make_res_layer(self, **kwargs):
+        stage = self._next_stage
+        self._next_stage += 1
+        stages = self.gate_cfg['stages']
+        if stages is None or stage in stages:
+            kwargs['gate_cfg'] = self.gate_cfg
+        return super().make_res_layer(**kwargs)

@@ -1,0 +1,3 @@
+from .gated_image_classifier import GatedImageClassifier
+
+__all__ = ['GatedImageClassifier']

@@ -1,0 +1,131 @@
+"""The batch-shaping loss (paper section 3, Eq. 2)."""
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ...registry import register_model
+from .priors import build_prior
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` over the ranks of the default process group.
+
+    The other ranks' parts carry no gradient; the local part keeps its own,
+    in its rank's position. Ranks may hold different batch sizes. Returns
+    ``x`` itself when not distributed.
+    """
+    if not (dist.is_available() and dist.is_initialized()) \
+            or dist.get_world_size() == 1:
+        return x
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    padded = x.new_zeros((max(sizes), ) + x.shape[1:])
+    padded[:x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    parts = [p[:n] for p, n in zip(parts, sizes)]
+    parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+@register_model
+class BatchShapingLoss(nn.Module):
+    """Match the batch distribution of each feature to a prior CDF.
+
+    For an input of shape ``(N, C)`` (``N`` samples of ``C`` features) the
+    loss is ``loss_weight`` times the mean over the ``C`` features of Eq. (2)
+    of the paper with lambda = 1::
+
+        (1 / N) * sum_i (i / (N + 1) - F(x*_i)) ** 2
+
+    where ``x*`` are the feature's values sorted over the batch and ``F`` is
+    the prior's CDF. Gradients flow back through the sort to the positions
+    the values came from. Values outside the prior's support are clamped to
+    it (and then get no gradient from the loss).
+
+    Batch-shaping applies to any feature: flatten it to ``(N, C)``, e.g.
+    ``loss(features.mean(dim=(2, 3)))`` for channel activations with a
+    ``gaussian`` prior, or ``loss(x.flatten(1))`` per unit.
+
+    Under DDP (``gather=True``) the loss sees the whole global batch: the
+    inputs of all ranks are gathered, and each rank's gradient reaches its
+    own part. Since DDP averages gradients over ranks, the gradient is
+    multiplied by the world size (the loss value is not), so that the
+    averaged gradient is that of the global-batch loss.
+
+    Args:
+        prior (dict | Prior): The prior: ``dict(type='beta', a, b)``,
+            ``dict(type='gaussian', mean, std)``, ``dict(type='uniform', low,
+            high)`` or a type registered in
+            :data:`mmgated.models.losses.PRIORS`. Default: Beta(0.6, 0.4).
+        loss_weight (float): lambda of Eq. (2). Default: 1.0.
+        gather (bool): Gather the batch over ranks under DDP. Default: True.
+        check_finite (bool): Raise on non-finite inputs, naming the feature.
+            Off by default because the check synchronises with the host.
+        loss_name (str): Key of the loss in a loss dict. Default: 'loss_bs'.
+    """
+
+    def __init__(self,
+                 prior=dict(type='beta', a=0.6, b=0.4),
+                 loss_weight: float = 1.0,
+                 gather: bool = True,
+                 check_finite: bool = False,
+                 loss_name: str = 'loss_bs'):
+        super().__init__()
+        self.prior = build_prior(prior)
+        self.loss_weight = float(loss_weight)
+        self.gather = gather
+        self.check_finite = check_finite
+        self._loss_name = loss_name
+
+    @property
+    def loss_name(self) -> str:
+        return self._loss_name
+
+    def forward(self,
+                x: torch.Tensor,
+                feature_names: Optional[Sequence[str]] = None
+                ) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            x (Tensor): ``(N, C)`` features of N samples.
+            feature_names (Sequence[str], optional): A name per column, used
+                in the error of ``check_finite``.
+
+        Returns:
+            Tensor: The scalar loss (float32).
+        """
+        if x.dim() != 2:
+            raise ValueError('BatchShapingLoss expects a (N, C) tensor, got '
+                             f'shape {tuple(x.shape)}')
+        if self.check_finite:
+            finite = torch.isfinite(x).all(dim=0)
+            if not bool(finite.all()):
+                bad = torch.nonzero(~finite).flatten().tolist()
+                names = [feature_names[i] for i in bad] if feature_names \
+                    else [f'feature {i}' for i in bad]
+                raise ValueError(f'BatchShapingLoss got non-finite values in '
+                                 f'{names}')
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            world = 1
+            if self.gather:
+                gathered = gather_batch(x)
+                if gathered is not x:
+                    world = dist.get_world_size()
+                x = gathered
+            n = x.shape[0]
+            sorted_x, _ = torch.sort(x, dim=0)
+            target = torch.arange(
+                1, n + 1, device=x.device, dtype=x.dtype) / (n + 1)
+            cdf = self.prior(sorted_x)
+            loss = ((target[:, None] - cdf)**2).mean(dim=0).mean()
+            if world > 1:
+                loss = loss + (world - 1) * (loss - loss.detach())
+        return self.loss_weight * loss

@@ -1,0 +1,85 @@
+"""The L0 complexity loss on gates (paper section 4.3, Eq. 5)."""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ...registry import register_model
+
+
+@register_model
+class GateL0Loss(nn.Module):
+    """``gamma * sum_i sigmoid(ln pi_i)`` over the gates (Eq. 5).
+
+    Normalisation: Eq. (5) sums over the ``k`` gates of the network. With
+    ``reduction='mean'`` (default) the sum is divided by ``k`` and averaged
+    over the ``N`` samples of the batch, so the loss is ``gamma`` times the
+    expected fraction of open gates, independent of the model's size and of
+    the batch size; ``reduction='sum'`` keeps the sum over gates (still
+    averaged over samples), which is Eq. (5) to the letter.
+
+    With ``weighting='macs'`` each gate is weighted by the MACs it controls
+    (the filter it switches and the input channel of the next convolution it
+    removes, at the block's resolution), normalised to weights that average
+    to 1; the 'mean' loss is then ``gamma`` times the expected fraction of
+    the gated MACs that run, so gamma acts on compute directly.
+
+    Args:
+        loss_weight (float): gamma. Default: 1.0.
+        reduction (str): 'mean' or 'sum'. Default: 'mean'.
+        weighting (str): 'uniform' or 'macs'. Default: 'uniform'.
+        loss_name (str): Key of the loss in a loss dict. Default: 'loss_l0'.
+    """
+
+    def __init__(self,
+                 loss_weight: float = 1.0,
+                 reduction: str = 'mean',
+                 weighting: str = 'uniform',
+                 loss_name: str = 'loss_l0'):
+        super().__init__()
+        if reduction not in ('mean', 'sum'):
+            raise ValueError(f'reduction {reduction!r} is not one of '
+                             "('mean', 'sum')")
+        if weighting not in ('uniform', 'macs'):
+            raise ValueError(f'weighting {weighting!r} is not one of '
+                             "('uniform', 'macs')")
+        self.loss_weight = float(loss_weight)
+        self.reduction = reduction
+        self.weighting = weighting
+        self._loss_name = loss_name
+
+    @property
+    def loss_name(self) -> str:
+        return self._loss_name
+
+    def forward(self,
+                probs: Sequence[torch.Tensor],
+                macs: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            probs (Sequence[Tensor]): Per gated layer, the ``(N, C_j)`` gate
+                probabilities ``sigmoid(logits)``.
+            macs (Sequence[float], optional): Per gated layer, the MACs one
+                of its channels controls. Required for ``weighting='macs'``.
+
+        Returns:
+            Tensor: The scalar loss.
+        """
+        if len(probs) == 0:
+            raise ValueError('GateL0Loss got no gates')
+        if self.weighting == 'macs':
+            if macs is None or len(macs) != len(probs):
+                raise ValueError("weighting='macs' needs one MAC figure per "
+                                 f'gated layer; got {macs!r} for '
+                                 f'{len(probs)} layers')
+            weights = [float(m) for m in macs]
+        else:
+            weights = [1.0] * len(probs)
+        num_gates = sum(p.shape[1] for p in probs)
+        mean_weight = sum(w * p.shape[1]
+                          for w, p in zip(weights, probs)) / num_gates
+        total = sum((w / mean_weight) * p.float().sum(dim=1)
+                    for w, p in zip(weights, probs))
+        per_sample = total if self.reduction == 'sum' else total / num_gates
+        return self.loss_weight * per_sample.mean()

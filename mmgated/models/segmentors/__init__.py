@@ -1,0 +1,3 @@
+from .gated_encoder_decoder import GatedEncoderDecoder
+
+__all__ = ['GatedEncoderDecoder']
