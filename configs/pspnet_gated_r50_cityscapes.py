@@ -15,6 +15,13 @@ model = dict(
         loss_weight=0.2),
     l0_loss=None)
 
+# Report the MAC ratio and the gate categories next to mIoU.
+val_evaluator = [
+    dict(type='IoUMetric', iou_metrics=['mIoU']),
+    dict(type='GateMetric')
+]
+test_evaluator = val_evaluator
+
 # Paper: "Weight decay for the layers in the gating units was set to 1e-6"
 # (1e-4 x 0.01).
 optim_wrapper = dict(

@@ -17,6 +17,10 @@ model = dict(
         prior=dict(type='beta', a=0.6, b=0.4),
         loss_weight=0.75),
     l0_loss=dict(type='GateL0Loss', loss_weight=0.0))
+
+# Report the MAC ratio and the gate categories next to the accuracy.
+val_evaluator = [dict(type='Accuracy', topk=(1, 5)), dict(type='GateMetric')]
+test_evaluator = val_evaluator
 # Paper (CIFAR-10, "similar settings" on ImageNet): no weight decay on the
 # gating modules.
 optim_wrapper = dict(

@@ -1,3 +1,11 @@
-from .macs import count_macs, dense_macs, gated_savings
+"""MAC accounting, gate statistics and the paper's plots of gated networks.
 
-__all__ = ['count_macs', 'dense_macs', 'gated_savings']
+:mod:`.plots` (matplotlib) and :mod:`.gate_stats` are imported on use.
+"""
+from .macs import (analyzer_macs, aux_heads, block_gate_overhead, count_macs,
+                   dense_macs, gated_savings)
+
+__all__ = [
+    'analyzer_macs', 'aux_heads', 'block_gate_overhead', 'count_macs',
+    'dense_macs', 'gated_savings'
+]

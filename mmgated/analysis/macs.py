@@ -2,34 +2,73 @@
 
 The dense network is counted by mmengine's complexity analyzer
 (``mmengine.analysis.FlopAnalyzer``, which counts one multiply-accumulate as
-one "flop"); the per-sample savings of the gates are computed from the
-convolution shapes of the gated blocks and the recorded gate decisions:
-a convolution between an input gate and an output gate costs
-``open_in * open_out * kh * kw * H_out * W_out`` MACs for a sample.
-Elementwise work on closed channels (BN, ReLU) is still counted, as the
-analyzer counts it, so the conditional figure is slightly conservative.
+one "flop", and a BatchNorm in eval mode as 2 per element), so the dense
+figure of a gated model is the analyzer's figure of its dense counterpart.
+
+The gating modules are counted by the same analyzer plus their global
+average pooling (one addition per pooled element), which the analyzer
+ignores (``aten::mean`` has no handle) but the paper includes in its
+0.018 % - 0.087 % overhead per block.
+
+The per-sample savings of the gates are computed from the convolution shapes
+of the gated blocks and the recorded gate decisions: a convolution between an
+input gate and an output gate costs
+``open_in * open_out * kh * kw * H_out * W_out / groups`` MACs for a sample,
+and the norm layer right after a convolution with gated outputs is skipped
+for the closed channels (counted as the analyzer counts it). Elementwise
+work that the analyzer does not count (ReLU, the gate multiplication) is not
+counted either.
 """
-from typing import Dict
+from collections import Counter
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
 from mmengine.analysis import FlopAnalyzer
+from mmengine.analysis.jit_handles import get_shape
 from mmengine.model import is_model_wrapper
 
 from ..models.blocks import conv_output_size, is_gated_block
 from ..models.gates import clear_gates, gate_modules
+
+# Key under which the gates' global average pooling is counted.
+POOL_OP = 'gate_pool'
 
 
 def _unwrap(model):
     return model.module if is_model_wrapper(model) else model
 
 
-def _analyze(module: nn.Module, inputs: tuple) -> FlopAnalyzer:
+def _mean_handle(inputs: List, outputs: List) -> Counter:
+    # One addition per reduced element; the final division per channel is
+    # negligible and left out, as for average pooling in the analyzer.
+    shape = get_shape(inputs[0])
+    numel = 1
+    for size in shape or ():
+        numel *= size
+    return Counter({POOL_OP: numel})
+
+
+def _analyze(module: nn.Module, inputs: tuple,
+             count_mean: bool = False) -> FlopAnalyzer:
     analyzer = FlopAnalyzer(module, inputs)
+    if count_mean:
+        analyzer.set_op_handle('aten::mean', _mean_handle)
     analyzer.unsupported_ops_warnings(False)
     analyzer.uncalled_modules_warnings(False)
     analyzer.tracer_warnings('none')
     return analyzer
+
+
+def _check_inputs(inputs) -> None:
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+        shape = tuple(inputs.shape) if isinstance(inputs,
+                                                  torch.Tensor) else None
+        raise ValueError('inputs must be a (N, C, H, W) tensor, got '
+                         f'{type(inputs).__name__} of shape {shape}')
+    if inputs.shape[0] < 1:
+        raise ValueError('inputs must hold at least one sample, got an '
+                         'empty batch')
 
 
 def dense_macs(model: nn.Module, inputs: torch.Tensor) -> Dict[str, float]:
@@ -42,15 +81,42 @@ def dense_macs(model: nn.Module, inputs: torch.Tensor) -> Dict[str, float]:
         inputs (Tensor): ``(N, 3, H, W)``.
 
     Returns:
-        dict: ``total`` (everything the forward ran, per sample) and
-        ``gating`` (the share of the gating modules).
+        dict: ``total`` (the dense network plus the gating modules, per
+        sample), ``gating`` (the share of the gating modules, their global
+        average pooling included) and ``dense`` (``total - gating``: what
+        the analyzer counts for the dense counterpart of the model).
     """
+    _check_inputs(inputs)
     model = _unwrap(model)
-    analyzer = _analyze(model, (inputs, ))
-    by_module = analyzer.by_module()
+    analyzer = _analyze(model, (inputs, ), count_mean=True)
+    by_module = analyzer.by_module_and_operator()
     n = inputs.shape[0]
-    gating = sum(by_module.get(name, 0) for name in gate_modules(model))
-    return dict(total=analyzer.total() / n, gating=gating / n)
+    gates = list(gate_modules(model))
+    gating = sum(sum(by_module.get(name, Counter()).values())
+                 for name in gates)
+    # Means outside the gates are not counted by the analyzer's defaults;
+    # leave them out so that the dense figure stays the analyzer's.
+    other_means = by_module.get('', Counter()).get(POOL_OP, 0) - sum(
+        by_module.get(name, Counter()).get(POOL_OP, 0) for name in gates)
+    total = analyzer.total() - other_means
+    return dict(total=total / n, gating=gating / n,
+                dense=(total - gating) / n)
+
+
+def _norm_macs_per_element(norm: nn.Module) -> float:
+    # What the analyzer counts for an eval-mode BatchNorm; other norms are
+    # not taken off (conservative), see the module docstring.
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return 2.0 if norm.affine else 1.0
+    return 0.0
+
+
+def _open_count(block, name: str) -> torch.Tensor:
+    gate = getattr(block, name)
+    if gate.output is None:
+        raise RuntimeError(f'gate {name} of a {type(block).__name__} did '
+                           'not run; run a forward pass first')
+    return gate.output.gates.detach().double().sum(1).cpu()
 
 
 def gated_savings(model: nn.Module) -> torch.Tensor:
@@ -61,39 +127,80 @@ def gated_savings(model: nn.Module) -> torch.Tensor:
 
     Returns:
         Tensor: ``(N, )`` float64, on the CPU.
+
+    Raises:
+        ValueError: The model has no gated block.
+        RuntimeError: A gate of a gated block did not run.
     """
     savings = None
     for block in _unwrap(model).modules():
         if not is_gated_block(block):
             continue
-        for conv, in_gate, out_gate in block.gated_convs():
+        for index, (conv, in_gate, out_gate) in enumerate(block.gated_convs()):
             if in_gate is None and out_gate is None:
                 continue
-            gates = {}
-            for role, name in (('in', in_gate), ('out', out_gate)):
-                if name is not None:
-                    gate = getattr(block, name)
-                    if gate.output is None:
-                        raise RuntimeError(f'gate {name} of a block did not '
-                                           'run; run a forward pass first')
-                    gates[role] = gate
             if out_gate is not None:
-                out_h, out_w = gates['out'].map_size
+                out_h, out_w = getattr(block, out_gate).map_size
             else:
-                out_h, out_w = conv_output_size(conv,
-                                                *gates['in'].map_size)
+                out_h, out_w = conv_output_size(
+                    conv, *getattr(block, in_gate).map_size)
             kh, kw = conv.kernel_size
             unit = kh * kw * out_h * out_w / conv.groups
-            n_in = gates['in'].output.gates.detach().double().sum(1).cpu() \
-                if 'in' in gates else float(conv.in_channels)
-            n_out = gates['out'].output.gates.detach().double().sum(1).cpu() \
-                if 'out' in gates else float(conv.out_channels)
-            dense = conv.in_channels * conv.out_channels * unit
-            saved = dense - n_in * n_out * unit
+            n_in = _open_count(block, in_gate) if in_gate else float(
+                conv.in_channels)
+            n_out = _open_count(block, out_gate) if out_gate else float(
+                conv.out_channels)
+            saved = (conv.in_channels * conv.out_channels - n_in * n_out) \
+                * unit
+            if out_gate is not None:
+                # The norm after this conv is skipped for closed channels.
+                norm = getattr(block, f'norm{index + 1}', None)
+                per_element = _norm_macs_per_element(norm)
+                saved = saved + (conv.out_channels - n_out) \
+                    * per_element * out_h * out_w
             savings = saved if savings is None else savings + saved
     if savings is None:
-        raise ValueError('the model has no gated block')
+        raise ValueError(f'{type(_unwrap(model)).__name__} has no gated '
+                         'block; gated_savings needs a gated model')
     return savings
+
+
+def _batch_size(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.shape[0]
+    if isinstance(value, (tuple, list)) and value:
+        return _batch_size(value[0])
+    raise ValueError('cannot tell the batch size of an input of type '
+                     f'{type(value).__name__}; pass batch_size')
+
+
+@torch.no_grad()
+def analyzer_macs(module: nn.Module, inputs, batch_size=None) -> float:
+    """What mmengine's ``FlopAnalyzer`` counts for ``module(inputs)``, per
+    sample, with its warnings silenced.
+
+    Args:
+        module (nn.Module): Any module.
+        inputs (Tensor | tuple): Its input: a tensor, or a tuple of
+            positional arguments (tensors or lists of tensors, such as the
+            feature tuple of a head).
+        batch_size (int, optional): Samples in ``inputs``. Default: the
+            first dimension of the first tensor found.
+
+    Returns:
+        float
+    """
+    inputs = inputs if isinstance(inputs, tuple) else (inputs, )
+    n = batch_size if batch_size is not None else _batch_size(inputs)
+    return _analyze(module, inputs).total() / n
+
+
+def aux_heads(model: nn.Module) -> List[nn.Module]:
+    """The auxiliary heads of a segmentor (none for other models)."""
+    aux = getattr(model, 'auxiliary_head', None)
+    if aux is None:
+        return []
+    return list(aux) if isinstance(aux, nn.ModuleList) else [aux]
 
 
 @torch.no_grad()
@@ -112,16 +219,28 @@ def count_macs(model: nn.Module, inputs: torch.Tensor) -> dict:
     Returns:
         dict:
             - ``dense`` (float): MACs of the dense network (no gating
-              modules) per sample, inference path only.
-            - ``gating`` (float): MACs of the gating modules per sample.
-            - ``per_sample`` (Tensor): ``(N, )`` conditional MACs of each
-              sample, gating modules included.
+              modules) per sample, inference path only; equal to mmengine's
+              ``FlopAnalyzer`` figure of the dense counterpart.
+            - ``gating`` (float): MACs of the gating modules per sample,
+              their global average pooling included.
+            - ``per_sample`` (Tensor): ``(N, )`` float64 conditional MACs of
+              each sample, gating modules included; with all gates open it
+              is ``dense + gating``.
             - ``ratio`` (Tensor): ``per_sample / dense``.
             - ``aux_head`` (float): MACs per sample of a segmentor's
-              auxiliary head, which runs in training only (absent
+              auxiliary head(s), which run in training only (absent
               otherwise).
+
+    Raises:
+        ValueError: ``inputs`` is not a 4-D batch, or the model has no
+            gates.
     """
+    _check_inputs(inputs)
     model = _unwrap(model)
+    if not gate_modules(model):
+        raise ValueError(f'{type(model).__name__} has no ChannelGate; '
+                         'count a dense model with mmengine.analysis.'
+                         'FlopAnalyzer instead')
     was_training = model.training
     model.eval()
     try:
@@ -129,18 +248,70 @@ def count_macs(model: nn.Module, inputs: torch.Tensor) -> dict:
         clear_gates(model)
         model(inputs)
         savings = gated_savings(model)
-        dense = counted['total'] - counted['gating']
-        per_sample = dense + counted['gating'] - savings
+        per_sample = counted['total'] - savings
         result = dict(
-            dense=dense,
+            dense=counted['dense'],
             gating=counted['gating'],
             per_sample=per_sample,
-            ratio=per_sample / dense)
-        aux = getattr(model, 'auxiliary_head', None)
-        if aux is not None and hasattr(model, 'extract_feat'):
+            ratio=per_sample / counted['dense'])
+        heads = aux_heads(model)
+        if heads and hasattr(model, 'extract_feat'):
             feats = model.extract_feat(inputs)
-            result['aux_head'] = _analyze(
-                aux, (feats, )).total() / inputs.shape[0]
+            result['aux_head'] = sum(
+                _analyze(head, (feats, )).total()
+                for head in heads) / inputs.shape[0]
     finally:
         model.train(was_training)
     return result
+
+
+@torch.no_grad()
+def block_gate_overhead(model: nn.Module,
+                        inputs: torch.Tensor) -> List[dict]:
+    """MACs of the gating modules of every gated block, against the block.
+
+    The quantity of the paper's "between 0.018 % - 0.087 % of a ResNet block
+    multiply-accumulate (MAC) usage" (section 4.1).
+
+    Args:
+        model (nn.Module): A gated model; run in eval mode on ``inputs``.
+        inputs (Tensor): ``(N, 3, H, W)``.
+
+    Returns:
+        list[dict]: One row per gated block, in forward order: ``block``
+        (module name), ``block_macs`` (dense block: convolutions, norms,
+        downsample), ``gate_macs`` (its gating modules, pooling included),
+        ``gate_fc_macs`` (the same without the pooling, i.e. what the
+        analyzer counts by default), ``overhead`` (``gate_macs /
+        block_macs``) and ``overhead_fc``; all MACs per sample.
+    """
+    _check_inputs(inputs)
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        analyzer = _analyze(model, (inputs, ), count_mean=True)
+        by_module = analyzer.by_module_and_operator()
+    finally:
+        model.train(was_training)
+    n = inputs.shape[0]
+    rows = []
+    for name, block in model.named_modules():
+        if not is_gated_block(block):
+            continue
+        gate_names = [f'{name}.{g}' for g in block.gate_names
+                      if hasattr(block, g)]
+        gate_ops = sum((by_module.get(g, Counter()) for g in gate_names),
+                       Counter())
+        gate = sum(gate_ops.values()) / n
+        gate_fc = gate - gate_ops.get(POOL_OP, 0) / n
+        block_macs = sum(by_module.get(name, Counter()).values()) / n - gate
+        rows.append(
+            dict(
+                block=name,
+                block_macs=block_macs,
+                gate_macs=gate,
+                gate_fc_macs=gate_fc,
+                overhead=gate / block_macs,
+                overhead_fc=gate_fc / block_macs))
+    return rows

@@ -1,5 +1,6 @@
-from .gate_metric import (GateMetric, gate_categories, stage_of,
+from .gate_metric import (CATEGORIES, GateMetric, gate_categories,
+                          gate_open_counts, layer_categories, stage_of,
                           summarize_gate_records)
 
-__all__ = ['GateMetric', 'gate_categories', 'stage_of',
-           'summarize_gate_records']
+__all__ = ['CATEGORIES', 'GateMetric', 'gate_categories', 'gate_open_counts',
+           'layer_categories', 'stage_of', 'summarize_gate_records']

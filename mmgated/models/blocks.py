@@ -36,6 +36,7 @@ import torch
 import torch.utils.checkpoint as cp
 
 from .gates import ChannelGate, parse_gate_cfg
+from .skip_execution import check_skip_mode, skip_residual
 
 
 def _build_gate(in_channels, out_channels, gate_cfg, norm_cfg):
@@ -81,6 +82,10 @@ class _GatedBlockMixin:
         super().__init__(*args, **kwargs)
         self.gate_cfg = None if gate_cfg is None else parse_gate_cfg(gate_cfg)
         self._gate_norm_cfg = kwargs.get('norm_cfg') or dict(type='BN')
+        # 'mask' or 'skip' (see skip_execution.py); set_gate_execution
+        # switches it on a built model.
+        self.gate_execution = 'mask' if gate_cfg is None \
+            else self.gate_cfg['execution']
 
     @property
     def gated(self) -> bool:
@@ -116,11 +121,17 @@ class _GatedBlockMixin:
         """Forward with gates computed from the block input ``x``."""
         # The gates are computed outside the checkpointed function so that
         # their outputs keep a graph for the gate losses under with_cp.
+        skip = self.gate_execution == 'skip'
+        if skip:
+            check_skip_mode(self)
         gates = self._gates(x)
 
         def _inner_forward(x, *gates):
             identity = x if self.downsample is None else self.downsample(x)
-            out = self._residual(x, *gates)
+            if skip:
+                out = skip_residual(self, x, *gates)
+            else:
+                out = self._residual(x, *gates)
             drop_path = getattr(self, 'drop_path', None)  # mmpretrain only
             if drop_path is not None:
                 out = drop_path(out)

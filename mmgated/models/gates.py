@@ -113,6 +113,39 @@ def check_gated_stages(stages, num_stages: int) -> None:
                          f'has stages 0..{num_stages - 1}')
 
 
+def logistic_noise(like: torch.Tensor) -> torch.Tensor:
+    """Logistic(0, 1) noise ``log(u) - log(1 - u)`` shaped like ``like``."""
+    uniform = torch.rand_like(like).clamp_(1e-6, 1 - 1e-6)
+    return torch.log(uniform) - torch.log1p(-uniform)
+
+
+def binary_concrete(logits: torch.Tensor,
+                    tau: float,
+                    noise: Optional[torch.Tensor] = None):
+    """Hard Binary Concrete sample with the relaxed gradient.
+
+    The forward value is the hard decision ``logits + noise > 0`` (the
+    binary Gumbel-max trick); the backward pass is the gradient of
+    ``sigmoid((logits + noise) / tau)`` (straight-through estimator).
+
+    Args:
+        logits (Tensor): Gate logits ``ln(pi)``.
+        tau (float): Temperature of the relaxation.
+        noise (Tensor, optional): Logistic noise; drawn when not given.
+
+    Returns:
+        tuple[Tensor, Tensor]: The hard gates (0/1 in value) and the relaxed
+        sample.
+    """
+    if noise is None:
+        noise = logistic_noise(logits)
+    noisy = logits + noise
+    relaxed = torch.sigmoid(noisy / tau)
+    hard = (noisy > 0).to(logits.dtype)
+    # Forward value is exactly `hard`; the gradient is relaxed's.
+    return hard + (relaxed - relaxed.detach()), relaxed
+
+
 def _world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
@@ -200,12 +233,7 @@ class ChannelGate(BaseModule):
         logits = self.fc2(F.relu(self._normalize(self.fc1(pooled))))
         probs = torch.sigmoid(logits)
         if self.training:
-            uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-            noisy = logits + torch.log(uniform) - torch.log1p(-uniform)
-            relaxed = torch.sigmoid(noisy / self.tau)
-            hard = (noisy > 0).to(logits.dtype)
-            # Forward value is exactly `hard`; the gradient is relaxed's.
-            gates = hard + (relaxed - relaxed.detach())
+            gates, relaxed = binary_concrete(logits, self.tau)
         else:
             relaxed = torch.sigmoid(logits / self.tau)
             gates = (logits > 0).to(logits.dtype)

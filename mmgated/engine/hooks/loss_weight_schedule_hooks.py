@@ -59,8 +59,14 @@ class LossWeightScheduleHook(Hook):
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
         weight = self.weight_at(self.progress(runner))
-        self._loss(runner).loss_weight = weight
+        loss = self._loss(runner)
+        loss.loss_weight = weight
         runner.message_hub.update_scalar(f'train/{self.scalar_name}', weight)
+        if weight == 0:
+            # The model skips a zero-weight loss; without this the logger
+            # would keep repeating its last value as if it were computed.
+            runner.message_hub.log_scalars.pop(f'train/{loss.loss_name}',
+                                               None)
 
 
 @HOOKS.register_module()

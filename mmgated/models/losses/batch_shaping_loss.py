@@ -99,7 +99,7 @@ class BatchShapingLoss(nn.Module):
                 in the error of ``check_finite``.
 
         Returns:
-            Tensor: The scalar loss (float32).
+            Tensor: The scalar loss (float32, or float64 for float64 input).
         """
         if x.dim() != 2:
             raise ValueError('BatchShapingLoss expects a (N, C) tensor, got '
@@ -113,7 +113,8 @@ class BatchShapingLoss(nn.Module):
                 raise ValueError(f'BatchShapingLoss got non-finite values in '
                                  f'{names}')
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
+            # float16/bfloat16 are computed in float32; float64 stays.
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
             world = 1
             if self.gather:
                 gathered = gather_batch(x)

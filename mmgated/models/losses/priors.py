@@ -25,7 +25,8 @@ def _check(name, value, condition, allowed):
 class Prior:
     """Base class of the priors: a CDF on a support interval.
 
-    ``cdf`` receives values already clamped to ``support``.
+    ``cdf`` receives values already clamped to ``support``; values beyond
+    it are clamped (and get no gradient), values at its ends keep theirs.
     """
 
     support = (-math.inf, math.inf)
@@ -35,7 +36,14 @@ class Prior:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.support
-        return self.cdf(x.clamp(low, high))
+        # Unlike Tensor.clamp, keep the gradient of values exactly at an end
+        # of the support (gates saturate at 0 and 1); values beyond are
+        # clamped and get none.
+        if low > -math.inf:
+            x = torch.where(x < low, torch.full_like(x, low), x)
+        if high < math.inf:
+            x = torch.where(x > high, torch.full_like(x, high), x)
+        return self.cdf(x)
 
 
 def _betainc_cf(x, a, b, iterations):
@@ -168,7 +176,11 @@ def build_prior(cfg) -> Prior:
     if not isinstance(cfg, dict) or 'type' not in cfg:
         raise TypeError(f'prior must be a Prior or a dict with a "type" key, '
                         f'got {cfg!r}')
-    if cfg['type'] not in PRIORS:
-        raise KeyError(f'unknown prior type {cfg["type"]!r}; registered '
+    args = dict(cfg)
+    prior_type = args.pop('type')
+    # Looked up directly: building through the registry would resolve the
+    # caller's default scope (mmseg/mmpretrain), which has no priors.
+    if prior_type not in PRIORS.module_dict:
+        raise KeyError(f'unknown prior type {prior_type!r}; registered '
                        f'priors are {sorted(PRIORS.module_dict)}')
-    return PRIORS.build(cfg)
+    return PRIORS.module_dict[prior_type](**args)

@@ -1,0 +1,54 @@
+# The README demo: ResNet20-BAS (paper section 5.1) on scikit-learn's
+# handwritten digits (1,797 8x8 scans, 10 classes, shipped inside the
+# scikit-learn package), written by tools/demo.py as a folder dataset of
+# 32x32 images. The recipe is the CIFAR-10 one compressed into 12 epochs;
+# only the dataset and the schedule lengths differ.
+_base_ = ['../resnet20_bas_cifar10.py']
+
+data_root = 'work_dirs/demo/data'
+l0_gamma = 0.3
+
+model = dict(
+    data_preprocessor=dict(
+        num_classes=10, mean=[127.5] * 3, std=[127.5] * 3, to_rgb=False),
+    head=dict(num_classes=10))
+
+# Digits are not mirror-symmetric: random crop only, no flip.
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='RandomCrop', crop_size=32, padding=2),
+    dict(type='PackInputs'),
+]
+test_pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
+train_dataloader = dict(
+    batch_size=64,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(
+        _delete_=True,
+        type='CustomDataset',
+        data_root=data_root,
+        data_prefix='train',
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=120,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(
+        _delete_=True,
+        type='CustomDataset',
+        data_root=data_root,
+        data_prefix='val',
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+# 12 epochs: batch-shaping 0.75 -> 0 by epoch 4, L0 from epoch 4 to 8, the
+# learning rate divided by 10 at epochs 8 and 10.
+param_scheduler = dict(milestones=[8, 10])
+train_cfg = dict(max_epochs=12, val_interval=12)
+custom_hooks = [
+    dict(type='BatchShapingWeightHook', end=4),
+    dict(type='L0WeightHook', start=4, end=8),
+]
+default_hooks = dict(
+    logger=dict(interval=10), checkpoint=dict(interval=12, max_keep_ckpts=1))

@@ -1,0 +1,21 @@
+import os.path as osp
+import sys
+
+import pytest
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+
+from data_utils import make_cityscapes, make_imagenet  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def tiny_cityscapes(tmp_path_factory):
+    """Root of a tiny Cityscapes dataset (4 train, 2 val images, 64x128)."""
+    return make_cityscapes(str(tmp_path_factory.mktemp('cityscapes')))
+
+
+@pytest.fixture(scope='session')
+def tiny_imagenet(tmp_path_factory):
+    """Root of a tiny ImageNet folder dataset (3 classes x 4 train / 2 val
+    images, 32x32, with meta/train.txt and meta/val.txt)."""
+    return make_imagenet(str(tmp_path_factory.mktemp('imagenet')))
