@@ -29,12 +29,15 @@ PAIRS = [
     (SegResNet, seg_gated.GatedResNet, dict(depth=34, out_indices=(1, 3)),
      32),
     (SegResNet, seg_gated.GatedResNet, dict(depth=50, style='caffe'), 32),
+    (SegResNet, seg_gated.GatedResNet, dict(depth=101, out_indices=(3, )),
+     32),
     (SegResNetV1c, seg_gated.GatedResNetV1c, dict(depth=50, **PSP_D8), 64),
     (SegResNetV1c, seg_gated.GatedResNetV1c,
      dict(depth=18, **PSP_D8, multi_grid=(1, 2, 4)), 32),
     (ClsResNet, cls_gated.GatedResNet, dict(depth=18, out_indices=(0, 3)),
      32),
     (ClsResNet, cls_gated.GatedResNet, dict(depth=50), 32),
+    (ClsResNet, cls_gated.GatedResNet, dict(depth=152), 32),
     (ClsResNetV1c, cls_gated.GatedResNetV1c, dict(depth=34), 32),
     (ResNetCifar, GatedResNetCifar, dict(depth=20), 16),
 ]
@@ -366,3 +369,14 @@ def test_cifar_resnet_architecture():
     assert out[-1].shape == (2, 64, 8, 8)
     assert [getattr(model, f'layer{i}')[0].conv1.out_channels
             for i in (1, 2, 3)] == [16, 32, 64]
+
+
+def test_norm_eval_freezes_backbone_norms_but_not_new_gate_norms():
+    model = seg_gated.GatedResNet(depth=18, norm_eval=True, frozen_stages=1)
+    model.train()
+    assert not model.layer2[0].bn1.training
+    assert model.layer2[0].gate.norm.training
+    # Gates of frozen stages are frozen with their stage.
+    assert not model.layer1[0].gate.norm.training
+    assert not model.layer1[0].gate.fc1.weight.requires_grad
+    assert model.layer2[0].gate.fc1.weight.requires_grad

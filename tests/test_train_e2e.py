@@ -12,13 +12,15 @@ import os
 import os.path as osp
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from data_utils import (CIFAR_AS_FOLDER_TINY_SETTINGS, IN1K_TINY_SETTINGS,
-                        SEG_TINY_SETTINGS, write_tiny_config)
+                        SEG_TINY_SETTINGS, make_cityscapes,
+                        write_tiny_config)
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = osp.join(REPO, 'configs')
@@ -52,6 +54,12 @@ def run(args, timeout=300, expect_ok=True):
         pytest.fail(f'{" ".join(args)} exited with {proc.returncode}:\n'
                     f'{proc.stdout[-6000:]}')
     return proc
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 
 def scalars(work_dir, run_index=-1):
@@ -244,12 +252,13 @@ def test_distributed_gloo_classification(in1k_run, tmp_path):
     work_dir = str(tmp_path / 'work')
     proc = run([
         '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-        '--master_port', '29531', 'tools/train.py', in1k_run['cfg'],
+        '--master_port',
+        str(free_port()), 'tools/train.py', in1k_run['cfg'],
         '--launcher', 'pytorch', '--work-dir', work_dir, '--cfg-options',
         'env_cfg.dist_cfg.backend=gloo'
     ])
-    assert 'Distributed launcher: pytorch' in proc.stdout or \
-        'world_size: 2' in proc.stdout or 'Distributed: True' in proc.stdout
+    assert 'Distributed training: True' in proc.stdout
+    assert 'GPU number: 2' in proc.stdout  # mmengine's name for world size
     assert osp.isfile(osp.join(work_dir, 'epoch_1.pth'))
     records = scalars(work_dir)
     assert_gate_scalars(records, with_l0=True)
@@ -257,7 +266,6 @@ def test_distributed_gloo_classification(in1k_run, tmp_path):
     assert [r['iter'] for r in train_records(records)] == [1, 2]
 
 
-@pytest.mark.slow
 def test_distributed_gloo_segmentation(seg_run, tmp_path):
     """tools/dist_train.sh with the gated PSPNet. SyncBN needs CUDA in
     torch's DDP ("SyncBatchNorm layers only work with GPU modules"), so the
@@ -271,12 +279,13 @@ def test_distributed_gloo_segmentation(seg_run, tmp_path):
         'model.auxiliary_head.norm_cfg.type=BN'
     ],
                           cwd=REPO,
-                          env=dict(ENV, PORT='29532'),
+                          env=dict(ENV, PORT=str(free_port())),
                           stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT,
                           text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-6000:]
+    assert 'Distributed training: True' in proc.stdout
     assert osp.isfile(osp.join(work_dir, 'iter_2.pth'))
     assert_gate_scalars(scalars(work_dir), with_l0=False)
 
@@ -303,3 +312,24 @@ def test_missing_dataset_fails_before_training(config, split_key, tmp_path):
     assert 'Iter(train)' not in proc.stdout
     assert 'Epoch(train)' not in proc.stdout
     assert not glob.glob(osp.join(str(tmp_path / 'work'), '*.pth'))
+
+
+def test_cityscapes_without_train_ids_fails_before_training(tmp_path):
+    """The images are there but csCreateTrainIdLabelImgs was not run."""
+    root = make_cityscapes(str(tmp_path / 'cityscapes'), 1, 1)
+    for path in glob.glob(
+            osp.join(root, 'gtFine', '**', '*_labelTrainIds.png'),
+            recursive=True):
+        os.rename(path, path.replace('_labelTrainIds', '_labelIds'))
+    proc = run(['tools/train.py', SEG_CONFIG, '--work-dir',
+                str(tmp_path / 'work'), '--cfg-options'] + [
+                    f'{split}_dataloader.dataset.data_root={root}'
+                    for split in ('train', 'val', 'test')
+                ],
+               expect_ok=False)
+    assert proc.returncode != 0
+    expected = osp.join(root, 'gtFine', 'train',
+                        '**', '*_gtFine_labelTrainIds.png')
+    assert f'expected {expected!r}' in proc.stdout, proc.stdout[-3000:]
+    assert 'csCreateTrainIdLabelImgs' in proc.stdout
+    assert 'Iter(train)' not in proc.stdout

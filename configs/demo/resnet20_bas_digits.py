@@ -1,7 +1,7 @@
 # The README demo: ResNet20-BAS (paper section 5.1) on scikit-learn's
 # handwritten digits (1,797 8x8 scans, 10 classes, shipped inside the
 # scikit-learn package), written by tools/demo.py as a folder dataset of
-# 32x32 images. The recipe is the CIFAR-10 one compressed into 12 epochs;
+# 16x16 images. The recipe is the CIFAR-10 one compressed into 12 epochs;
 # only the dataset and the schedule lengths differ.
 _base_ = ['../resnet20_bas_cifar10.py']
 
@@ -16,7 +16,7 @@ model = dict(
 # Digits are not mirror-symmetric: random crop only, no flip.
 train_pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(type='RandomCrop', crop_size=32, padding=2),
+    dict(type='RandomCrop', crop_size=16, padding=2),
     dict(type='PackInputs'),
 ]
 test_pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]

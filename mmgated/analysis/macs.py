@@ -139,6 +139,10 @@ def gated_savings(model: nn.Module) -> torch.Tensor:
         for index, (conv, in_gate, out_gate) in enumerate(block.gated_convs()):
             if in_gate is None and out_gate is None:
                 continue
+            n_in = _open_count(block, in_gate) if in_gate else float(
+                conv.in_channels)
+            n_out = _open_count(block, out_gate) if out_gate else float(
+                conv.out_channels)
             if out_gate is not None:
                 out_h, out_w = getattr(block, out_gate).map_size
             else:
@@ -146,10 +150,6 @@ def gated_savings(model: nn.Module) -> torch.Tensor:
                     conv, *getattr(block, in_gate).map_size)
             kh, kw = conv.kernel_size
             unit = kh * kw * out_h * out_w / conv.groups
-            n_in = _open_count(block, in_gate) if in_gate else float(
-                conv.in_channels)
-            n_out = _open_count(block, out_gate) if out_gate else float(
-                conv.out_channels)
             saved = (conv.in_channels * conv.out_channels - n_in * n_out) \
                 * unit
             if out_gate is not None:

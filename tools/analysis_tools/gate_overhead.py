@@ -21,7 +21,7 @@ import mmgated  # noqa: F401  shims and registration
 from mmgated.analysis import block_gate_overhead, count_macs
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='MACs of the gating modules per residual block')
     parser.add_argument(
@@ -37,7 +37,7 @@ def parse_args():
     parser.add_argument(
         '--per-block', action='store_true', help='print every block')
     parser.add_argument('--out', help='write the rows to this JSON file')
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def input_shape(shape):
@@ -84,8 +84,8 @@ def summary_line(depth, result):
             f'{result["gating"] / result["dense"]:.3%} |')
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     height, width = input_shape(args.shape)
     results = {}
     for depth in args.depths:
@@ -109,6 +109,7 @@ def main():
         with open(args.out, 'w') as f:
             json.dump({f'resnet{d}': r for d, r in results.items()}, f,
                       indent=2)
+    return results
 
 
 if __name__ == '__main__':

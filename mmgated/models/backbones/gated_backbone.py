@@ -1,5 +1,5 @@
 """What every gated ResNet backbone adds to its upstream dense class."""
-from ..gates import check_gated_stages, parse_gate_cfg
+from ..gates import check_gated_stages, gate_modules, parse_gate_cfg
 
 
 class GatedBackboneMixin:
@@ -28,6 +28,22 @@ class GatedBackboneMixin:
         super().__init__(*args, **kwargs)
         check_gated_stages(self.gate_cfg['stages'], self.num_stages)
         del self._next_stage
+
+    def train(self, mode: bool = True):
+        """Upstream ``train``; ``norm_eval`` leaves the gates' norms training.
+
+        ``norm_eval`` freezes the statistics of a (pretrained) backbone's
+        norm layers; the gating modules are new, so their BN keeps learning
+        its statistics, except in ``frozen_stages``.
+        """
+        super().train(mode)
+        if mode and self.norm_eval:
+            for name, gate in gate_modules(self).items():
+                stage = int(name[len('layer')]) if name.startswith(
+                    'layer') else 0
+                if stage > self.frozen_stages:
+                    gate.norm.train()
+        return self
 
     def make_res_layer(self, **kwargs):
         stage = self._next_stage

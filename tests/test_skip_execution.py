@@ -1,0 +1,311 @@
+"""Skip execution (compute open channels only) against mask execution."""
+import pytest
+import torch
+import torch.nn as nn
+
+from mmgated.analysis import gated_savings
+from mmgated.models import (ChannelGate, force_gates, gate_modules,
+                            set_gate_execution)
+from mmgated.models import skip_execution
+from mmgated.models.blocks import is_gated_block
+
+mmseg_models = pytest.importorskip('mmseg.registry').MODELS
+mmpretrain_models = pytest.importorskip('mmpretrain.registry').MODELS
+
+PSP_BACKBONE = dict(
+    type='GatedResNetV1c',
+    depth=50,
+    strides=(1, 2, 1, 1),
+    dilations=(1, 1, 2, 4),
+    contract_dilation=True)
+
+# (registry, backbone config, input size)
+BACKBONES = {
+    'basic': (mmpretrain_models, dict(type='GatedResNet', depth=18), 32),
+    'mmseg-basic': (mmseg_models, dict(type='GatedResNet', depth=18), 32),
+    'cifar-basic': (mmpretrain_models, dict(type='GatedResNetCifar',
+                                            depth=20), 32),
+    'bottleneck-after_conv1':
+    (mmpretrain_models,
+     dict(type='GatedResNet', depth=50,
+          gate_cfg=dict(position='after_conv1')), 32),
+    'bottleneck-after_conv2':
+    (mmpretrain_models,
+     dict(type='GatedResNet', depth=50,
+          gate_cfg=dict(position='after_conv2')), 32),
+    'bottleneck-both':
+    (mmpretrain_models,
+     dict(type='GatedResNet', depth=50, gate_cfg=dict(position='both')), 32),
+    # stride in conv1 instead of conv2
+    'bottleneck-caffe-both':
+    (mmpretrain_models,
+     dict(type='GatedResNet', depth=50, style='caffe',
+          gate_cfg=dict(position='both')), 32),
+    # strided and dilated (output stride 8), PSPNet-R50-D8's backbone
+    'pspnet-after_conv2': (mmseg_models, PSP_BACKBONE, 64),
+    'pspnet-after_conv1':
+    (mmseg_models, dict(PSP_BACKBONE, gate_cfg=dict(position='after_conv1')),
+     64),
+    'pspnet-both': (mmseg_models,
+                    dict(PSP_BACKBONE, gate_cfg=dict(position='both')), 64),
+}
+
+_CACHE = {}
+
+
+def _randomize(model, seed=0):
+    """Non-trivial BN statistics and affine parameters, so that indexing
+    the wrong BN channel shows; the trunk is kept at a sane scale."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=gen) * 0.5 + 0.25)
+                m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
+            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
+
+
+def _backbone(key):
+    """A built, randomised backbone in eval mode (built once per key)."""
+    if key not in _CACHE:
+        registry, cfg, size = BACKBONES[key]
+        torch.manual_seed(0)
+        model = registry.build(cfg)
+        _randomize(model)
+        model.eval()
+        _CACHE[key] = (model, size)
+    model, size = _CACHE[key]
+    set_gate_execution(model, 'mask')
+    return model, size
+
+
+def _run(model, x, execution, value, seed=1):
+    set_gate_execution(model, execution)
+    with torch.no_grad(), force_gates(model, value, seed=seed):
+        out = model(x)
+        savings = gated_savings(model)
+    gates = {k: m.output.gates.clone() for k, m in gate_modules(model).items()}
+    return out, gates, savings
+
+
+def _assert_equal_outputs(mask_out, skip_out):
+    assert len(mask_out) == len(skip_out)
+    for a, b in zip(mask_out, skip_out):
+        assert a.shape == b.shape
+        scale = a.abs().max().clamp(min=1.0)
+        err = ((a - b).abs().max() / scale).item()
+        assert err <= 1e-5, f'skip differs from mask by {err:.3g} (relative)'
+
+
+def _check_equal(model, x, value, seed=1):
+    mask_out, mask_gates, mask_savings = _run(model, x, 'mask', value, seed)
+    skip_out, skip_gates, skip_savings = _run(model, x, 'skip', value, seed)
+    # Same draws, so the same gates were applied in both executions ...
+    for name, gates in mask_gates.items():
+        assert torch.equal(gates, skip_gates[name]), name
+    # ... and the same MAC accounting (skip records the gated map sizes).
+    torch.testing.assert_close(mask_savings, skip_savings)
+    _assert_equal_outputs(mask_out, skip_out)
+
+
+@pytest.mark.parametrize('batch_size', [1, 3])
+@pytest.mark.parametrize('key', list(BACKBONES))
+def test_skip_equals_mask(key, batch_size):
+    model, size = _backbone(key)
+    x = torch.randn(batch_size, 3, size, size,
+                    generator=torch.Generator().manual_seed(batch_size))
+    for value in (0.0, 0.3, 0.7, 1.0):
+        _check_equal(model, x, value, seed=int(value * 10))
+    # All open and all closed for the whole batch.
+    _check_equal(model, x, True)
+    _check_equal(model, x, False)
+
+
+@pytest.mark.parametrize('overhead', [-1.0, 1.0])
+@pytest.mark.parametrize('key', ['basic', 'bottleneck-both'])
+def test_union_and_grouped_plans(key, overhead, monkeypatch):
+    """A batch whose patterns differ runs either as one computation of the
+    union of open channels with masks, or one computation per pattern."""
+    monkeypatch.setattr(skip_execution, 'GROUP_OVERHEAD', overhead)
+    model, size = _backbone(key)
+    x = torch.randn(4, 3, size, size)
+    _check_equal(model, x, 0.5, seed=3)
+    _check_equal(model, x, 0.9, seed=4)
+
+
+def _pattern_hook(make):
+    def hook(module, inputs, gates):
+        return make(gates)
+    return hook
+
+
+@pytest.mark.parametrize('key', ['basic', 'bottleneck-both', 'pspnet-both'])
+def test_structured_patterns(key):
+    """Patterns shared by all samples, channels closed for the whole batch,
+    and repeated patterns within a batch, as learned gates produce."""
+    model, size = _backbone(key)
+    x = torch.randn(4, 3, size, size)
+    gen = torch.Generator().manual_seed(0)
+
+    def shared(gates):  # one pattern for the batch, not all open
+        row = (torch.rand(gates.shape[1], generator=gen) < 0.5)
+        return row.to(gates.dtype).expand_as(gates).clone()
+
+    def common_closed(gates):  # a quarter open for all, a few others
+        c = gates.shape[1]
+        base = (torch.arange(c) % 4 == 0)
+        extra = torch.rand(gates.shape, generator=gen) < 0.03
+        return (base | extra).to(gates.dtype)
+
+    def repeated(gates):  # samples 0/2 and 1/3 share patterns
+        rows = torch.rand(2, gates.shape[1], generator=gen) < 0.5
+        return rows[[0, 1, 0, 1]].to(gates.dtype)
+
+    for make in (shared, common_closed, repeated):
+        handles = [
+            m.register_forward_hook(_pattern_hook(make))
+            for m in gate_modules(model).values()
+        ]
+        try:
+            # force_gates(None): the hooks decide; the draws of the hooks
+            # differ between the two runs, so seed them alike.
+            gen.manual_seed(5)
+            mask_out = _run(model, x, 'mask', None)[0]
+            gen.manual_seed(5)
+            skip_out = _run(model, x, 'skip', None)[0]
+        finally:
+            for h in handles:
+                h.remove()
+        _assert_equal_outputs(mask_out, skip_out)
+
+
+def test_built_with_skip_execution():
+    model = mmpretrain_models.build(
+        dict(type='GatedResNet', depth=18, gate_cfg=dict(execution='skip')))
+    blocks = [m for m in model.modules() if is_gated_block(m)]
+    assert blocks and all(b.gate_execution == 'skip' for b in blocks)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), force_gates(model, 0.5, seed=0):
+        skip_out = model(x)
+    set_gate_execution(model, 'mask')
+    assert all(b.gate_execution == 'mask' for b in blocks)
+    assert all(b.gate_cfg['execution'] == 'mask' for b in blocks)
+    with torch.no_grad(), force_gates(model, 0.5, seed=0):
+        mask_out = model(x)
+    _assert_equal_outputs(mask_out, skip_out)
+
+
+def test_skip_in_training_raises():
+    model, size = _backbone('basic')
+    set_gate_execution(model, 'skip')
+    x = torch.randn(2, 3, size, size)
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match='inference only'):
+            model(x)
+        # A norm left in training mode in an eval model is refused too:
+        # skip uses running statistics.
+        model.eval()
+        model.layer1[0].norm1.train()
+        with pytest.raises(RuntimeError, match='inference only'):
+            model(x)
+        # Training in mask mode works.
+        set_gate_execution(model, 'mask')
+        model.train()
+        model(x).__getitem__(0).sum().backward()
+    finally:
+        model.eval()
+        model.zero_grad()
+
+
+def test_set_gate_execution_bad_value():
+    model, _ = _backbone('basic')
+    with pytest.raises(ValueError, match="'fast'.*'mask', 'skip'"):
+        set_gate_execution(model, 'fast')
+    with pytest.raises(ValueError, match='no gated block'):
+        set_gate_execution(
+            mmpretrain_models.build(dict(type='ResNet', depth=18)), 'skip')
+    with pytest.raises(ValueError, match='execution'):
+        mmpretrain_models.build(
+            dict(type='GatedResNet', depth=18,
+                 gate_cfg=dict(execution='sparse')))
+
+
+def test_ungated_stages_and_gradients():
+    """Ungated stages run dense; skip works with autograd enabled (eval)."""
+    model = mmpretrain_models.build(
+        dict(type='GatedResNet', depth=18, gate_cfg=dict(stages=(1, 3))))
+    _randomize(model)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    with force_gates(model, 0.5, seed=2):
+        set_gate_execution(model, 'skip')
+        out = model(x)[-1]
+    out.sum().backward()
+    assert x.grad is not None
+    _check_equal(model, x.detach(), 0.5)
+
+
+def test_plugins():
+    """Plugins after a gated map would see closed channels: refused with the
+    block's name; plugins elsewhere run as in mask execution."""
+    context = dict(cfg=dict(type='ContextBlock', ratio=1. / 4),
+                   stages=(False, True, False, False))
+    model = mmseg_models.build(
+        dict(type='GatedResNet', depth=50,
+             plugins=[dict(context, position='after_conv2')]))
+    model.eval()
+    with pytest.raises(NotImplementedError, match="layer2.0.*plugins"):
+        set_gate_execution(model, 'skip')
+    blocks = [m for m in model.modules() if is_gated_block(m)]
+    assert all(b.gate_execution == 'mask' for b in blocks)
+
+    model = mmseg_models.build(
+        dict(type='GatedResNet', depth=50,
+             plugins=[dict(context, position='after_conv3')]))
+    _randomize(model)
+    model.eval()
+    _check_equal(model, torch.randn(2, 3, 32, 32), 0.5)
+
+    model = mmseg_models.build(
+        dict(type='GatedResNet', depth=50,
+             plugins=[dict(context, position='after_conv1')],
+             gate_cfg=dict(position='after_conv2', execution='skip')))
+    _randomize(model)
+    model.eval()
+    _check_equal(model, torch.randn(2, 3, 32, 32), 0.5)
+    model = mmseg_models.build(
+        dict(type='GatedResNet', depth=50,
+             plugins=[dict(context, position='after_conv1')],
+             gate_cfg=dict(position='after_conv1', execution='skip')))
+    model.eval()
+    # Built with execution='skip': refused on the first forward.
+    with pytest.raises(NotImplementedError, match='GatedBottleneck'):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_unsupported_norm():
+    model = mmpretrain_models.build(
+        dict(type='GatedResNet', depth=18,
+             norm_cfg=dict(type='GN', num_groups=4)))
+    with pytest.raises(NotImplementedError, match='norm1 is a GroupNorm'):
+        set_gate_execution(model, 'skip')
+
+
+def test_gates_unchanged_by_skip():
+    """The gating modules run and record their outputs in both modes."""
+    model, size = _backbone('bottleneck-both')
+    x = torch.randn(2, 3, size, size)
+    set_gate_execution(model, 'skip')
+    with torch.no_grad():
+        model(x)
+    for gate in gate_modules(model).values():
+        assert isinstance(gate, ChannelGate)
+        assert gate.output is not None and gate.map_size is not None
+        assert gate.controlled_macs > 0
+    set_gate_execution(model, 'mask')
