@@ -12,7 +12,9 @@ model = dict(
     batch_shaping_loss=dict(
         type='BatchShapingLoss',
         prior=dict(type='beta', a=0.6, b=0.4),
-        loss_weight=0.2),
+        loss_weight=0.2,
+        # Paper: the loss is summed over the gates.
+        reduction='sum'),
     l0_loss=None)
 
 # Report the MAC ratio and the gate categories next to mIoU.

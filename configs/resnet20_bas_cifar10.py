@@ -14,7 +14,9 @@ model = dict(
     batch_shaping_loss=dict(
         type='BatchShapingLoss',
         prior=dict(type='beta', a=0.6, b=0.4),
-        loss_weight=0.75),
+        loss_weight=0.75,
+        # Paper: the loss is summed over the gates.
+        reduction='sum'),
     l0_loss=dict(type='GateL0Loss', loss_weight=0.0))
 
 # Report the MAC ratio and the gate categories next to the accuracy.

@@ -8,9 +8,13 @@
   ``val/<class>/*.png``) plus ``meta/{train,val}.txt``: mmpretrain's
   ``ImageNet`` checks that a folder dataset has exactly 1000 classes, but
   takes an annotation list with any labels.
+* :func:`make_seg_folder` writes mmseg's custom-dataset layout
+  (``img_dir/``, ``ann_dir/``) of configs/examples/.
 
 The images are random but deterministic (seeded), small enough that a
-ResNet-50 PSPNet trains a step on a CPU in seconds.
+ResNet-50 PSPNet trains a step on a CPU in seconds. The ``*_TINY_SETTINGS``
+below, with :func:`write_tiny_config`, shrink a repository config to a few
+CPU iterations on them.
 """
 import os
 import os.path as osp
@@ -47,8 +51,10 @@ def make_cityscapes(root, num_train=4, num_val=2, height=64, width=128,
 
     Layout (what ``CityscapesDataset`` with the default suffixes reads)::
 
-        root/leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
-        root/gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelTrainIds.png
+        root/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png
+        root/gtFine/{train,val}/<city>/<name>_gtFine_labelTrainIds.png
+
+    with ``<name>`` = ``<city>_<6-digit index>_000019``.
 
     Args:
         root (str): The dataset root (created if missing).

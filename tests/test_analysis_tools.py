@@ -303,6 +303,7 @@ def test_gate_histogram_hook_epochs_and_tradeoff(cls_setup, tmp_path):
     work_dir = str(tmp_path / 'work')
     runner = run_training(
         config, work_dir, 'hist_epochs',
+        train_cfg=dict(by_epoch=True, max_epochs=2, val_interval=2),
         hook=dict(type='GateHistogramHook', gates=3, bins=10))
     hook = next(h for h in runner.hooks if isinstance(h, GateHistogramHook))
     assert len(hook.selected) == 3

@@ -158,6 +158,18 @@ def test_unknown_prior_type():
         BatchShapingLoss(prior='beta')
 
 
+def test_sum_over_features():
+    np.random.seed(0)
+    x = np.random.rand(11, 4)
+    per_feature_mean = reference_batch_shaping(
+        x, lambda v: stats.beta.cdf(v, 0.6, 0.4))
+    loss = BatchShapingLoss(reduction='sum', loss_weight=0.5)
+    assert loss(torch.tensor(x)).item() == pytest.approx(
+        0.5 * 4 * per_feature_mean, rel=1e-6)
+    with pytest.raises(ValueError, match="reduction 'max'"):
+        BatchShapingLoss(reduction='max')
+
+
 def test_input_checks():
     with pytest.raises(ValueError, match=r'\(N, C\).*\(4,\)'):
         BatchShapingLoss()(torch.rand(4))
@@ -177,16 +189,18 @@ def test_l0_loss_matches_eq5():
     stacked = torch.cat(probs, 1).numpy()
     gamma = 0.2
     eq5_sum = gamma * stacked.sum(1).mean()  # sum over gates, mean samples
-    assert GateL0Loss(gamma, reduction='sum')(probs).item() == \
-        pytest.approx(eq5_sum, rel=1e-6)
     assert GateL0Loss(gamma)(probs).item() == pytest.approx(
-        eq5_sum / 8, rel=1e-6)
+        eq5_sum, rel=1e-6)
+    assert GateL0Loss(gamma, reduction='mean')(probs).item() == \
+        pytest.approx(eq5_sum / 8, rel=1e-6)
     # MAC weighting: the expected fraction of gated MACs that run.
     macs = [10.0, 1.0]
     weighted = (stacked[:, :3] * 10).sum(1) + stacked[:, 3:].sum(1)
     expected = gamma * (weighted / (3 * 10 + 5 * 1)).mean()
+    assert GateL0Loss(gamma, weighting='macs', reduction='mean')(
+        probs, macs).item() == pytest.approx(expected, rel=1e-6)
     assert GateL0Loss(gamma, weighting='macs')(probs, macs).item() == \
-        pytest.approx(expected, rel=1e-6)
+        pytest.approx(expected * 8, rel=1e-6)
 
 
 def test_l0_loss_arguments():

@@ -119,7 +119,8 @@ def resnet20():
 
 @pytest.fixture(scope='module')
 def cifar_inputs():
-    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(3, 3, 32, 32, generator=generator)
 
 
 def test_hand_counts_match_analyzer(cifar_inputs):

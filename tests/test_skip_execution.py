@@ -53,6 +53,17 @@ BACKBONES = {
 _CACHE = {}
 
 
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    # The models are tiny: one thread is as fast, and far faster when other
+    # processes share the cores (no OpenMP barriers waiting on a preempted
+    # thread).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomize(model, seed=0):
     """Non-trivial BN statistics and affine parameters, so that indexing
     the wrong BN channel shows; the trunk is kept at a sane scale."""
@@ -118,11 +129,9 @@ def test_skip_equals_mask(key, batch_size):
     model, size = _backbone(key)
     x = torch.randn(batch_size, 3, size, size,
                     generator=torch.Generator().manual_seed(batch_size))
+    # 0.0 and 1.0: all gates closed and all open for the whole batch.
     for value in (0.0, 0.3, 0.7, 1.0):
         _check_equal(model, x, value, seed=int(value * 10))
-    # All open and all closed for the whole batch.
-    _check_equal(model, x, True)
-    _check_equal(model, x, False)
 
 
 @pytest.mark.parametrize('overhead', [-1.0, 1.0])
@@ -256,8 +265,11 @@ def test_plugins():
     block's name; plugins elsewhere run as in mask execution."""
     context = dict(cfg=dict(type='ContextBlock', ratio=1. / 4),
                    stages=(False, True, False, False))
+    # Narrow stages keep the four builds fast.
+    narrow = dict(type='GatedResNet', depth=50, stem_channels=16,
+                  base_channels=16)
     model = mmseg_models.build(
-        dict(type='GatedResNet', depth=50,
+        dict(narrow,
              plugins=[dict(context, position='after_conv2')]))
     model.eval()
     with pytest.raises(NotImplementedError, match="layer2.0.*plugins"):
@@ -266,21 +278,21 @@ def test_plugins():
     assert all(b.gate_execution == 'mask' for b in blocks)
 
     model = mmseg_models.build(
-        dict(type='GatedResNet', depth=50,
+        dict(narrow,
              plugins=[dict(context, position='after_conv3')]))
     _randomize(model)
     model.eval()
     _check_equal(model, torch.randn(2, 3, 32, 32), 0.5)
 
     model = mmseg_models.build(
-        dict(type='GatedResNet', depth=50,
+        dict(narrow,
              plugins=[dict(context, position='after_conv1')],
              gate_cfg=dict(position='after_conv2', execution='skip')))
     _randomize(model)
     model.eval()
     _check_equal(model, torch.randn(2, 3, 32, 32), 0.5)
     model = mmseg_models.build(
-        dict(type='GatedResNet', depth=50,
+        dict(narrow,
              plugins=[dict(context, position='after_conv1')],
              gate_cfg=dict(position='after_conv1', execution='skip')))
     model.eval()

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 # Fig. 4 colours: always on, conditional, always off.
 CATEGORY_STYLE = (
@@ -71,6 +72,21 @@ def _ratio_axis(ax, scale: float, dense_macs: float) -> None:
     top = ax.secondary_xaxis(
         'top', functions=(lambda x: x * factor, lambda r: r / factor))
     top.set_xlabel('MACs relative to the dense network')
+    top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:.4g}'))
+    top.xaxis.set_major_locator(MaxNLocator(5))
+
+
+def _readable_x(ax, values: np.ndarray) -> None:
+    # Plain tick labels (no offset like '1e-5+5.09e-1') and at least a
+    # 2 % wide range, so a model whose samples cost nearly the same still
+    # gets legible ticks.
+    ax.ticklabel_format(axis='x', useOffset=False, style='plain')
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    low, high = float(np.min(values)), float(np.max(values))
+    centre = (low + high) / 2
+    if high - low < 0.02 * abs(centre):
+        half = 0.01 * abs(centre) or 1.0
+        ax.set_xlim(centre - half, centre + half)
 
 
 def _short_gate_name(name: str) -> str:
@@ -142,8 +158,14 @@ def plot_mac_histogram(macs: Sequence[float],
     scale, unit = mac_unit(dense_macs)
     fig = new_figure(6.4, 4.2)
     ax = fig.add_subplot(1, 1, 1)
-    ax.hist(macs / scale, bins=bins, color='#2b83ba', alpha=0.85,
+    low, high = macs.min() / scale, macs.max() / scale
+    span = None
+    if high - low < 0.02 * abs(high):
+        half = 0.01 * abs(high) or 1.0
+        span = ((low + high) / 2 - half, (low + high) / 2 + half)
+    ax.hist(macs / scale, bins=bins, range=span, color='#2b83ba', alpha=0.85,
             label=f'samples (n={macs.size})')
+    _readable_x(ax, macs / scale)
     mean = macs.mean()
     # The dense figure is named rather than drawn: a line at 1.0 would
     # squeeze the histogram of a sparse model into a few pixels.
@@ -154,6 +176,7 @@ def plot_mac_histogram(macs: Sequence[float],
     _ratio_axis(ax, scale, dense_macs)
     ax.set_xlabel(f'conditional MACs per sample ({unit})')
     ax.set_ylabel('number of samples')
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.legend(fontsize=8)
     return fig
@@ -203,6 +226,7 @@ def plot_macs_vs_loss(macs: Sequence[float],
             and np.ptp(losses[valid]) > 0:
         r = np.corrcoef(macs[valid], losses[valid])[0, 1]
         title = f'{title} (Pearson r = {r:.2f})'
+    _readable_x(ax, macs / scale)
     _ratio_axis(ax, scale, dense_macs)
     ax.set_xlabel(f'conditional MACs per sample ({unit})')
     ax.set_ylabel(loss_name)

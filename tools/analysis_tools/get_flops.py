@@ -189,7 +189,8 @@ def main(argv=None):
               f'{args.split} samples (at their own resolution): '
               f'{format_macs(expected["mean_macs"])} of dense '
               f'{format_macs(expected["dense_macs"])}, ratio '
-              f'{expected["mac_ratio"]:.4f} +- {expected["mac_ratio_std"]:.4f}')
+              f'{expected["mac_ratio"]:.4f} +- '
+              f'{expected["mac_ratio_std"]:.4f}')
     print(line)
     return result
 

@@ -23,6 +23,8 @@ import os.path as osp
 from typing import List, Optional
 
 MAC_RATIO_KEYS = ('gates/mac_ratio', 'mac_ratio')
+# mmpretrain's accuracies and mmseg's IoU/accuracy metrics are percentages.
+PERCENT_METRICS = ('accuracy/', 'mIoU', 'aAcc', 'mAcc', 'mDice', 'mFscore')
 
 
 def parse_args(argv=None):
@@ -43,6 +45,8 @@ def parse_args(argv=None):
         help='which validation of a run to plot: the last one or the one '
         'with the best metric')
     parser.add_argument('--title', default='Accuracy vs computation')
+    parser.add_argument(
+        '--ylabel', help='y-axis label (default: the metric and its unit)')
     parser.add_argument(
         '--out', default='tradeoff.png', help='output PNG file')
     args = parser.parse_args(argv)
@@ -168,8 +172,11 @@ def main(argv=None):
     if len(names) > 1:
         raise ValueError(f'the runs report different metrics {sorted(names)}'
                          '; pass --metric')
+    name = names.pop()
+    ylabel = args.ylabel or (f'{name} (%)' if name.startswith(
+        PERCENT_METRICS) else name)
     from mmgated.analysis import plots
-    fig = plots.plot_tradeoff(runs, metric_name=names.pop(), title=args.title)
+    fig = plots.plot_tradeoff(runs, metric_name=ylabel, title=args.title)
     plots.save_figure(fig, args.out)
     print(f'wrote {args.out}')
     return runs

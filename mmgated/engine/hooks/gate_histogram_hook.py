@@ -9,6 +9,7 @@ import torch
 from mmengine.dist import all_reduce, is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
+from mmengine.runner import IterBasedTrainLoop
 
 from mmgated.models.gates import collect_gates, gate_modules
 
@@ -53,7 +54,7 @@ class GateHistogramHook(Hook):
             Iteration-based loops: the iterations one histogram covers.
             Default: 1 epoch, or a tenth of the training iterations.
         by_epoch (bool, optional): Whether periods are epochs. Default:
-            None, which follows the training loop.
+            None: iterations for an ``IterBasedTrainLoop``, else epochs.
         max_columns (int): Most periods drawn in one figure. Default: 6.
         name (str): Image name for the visualizer and file prefix.
             Default: ``'gate_histograms'``.
@@ -147,7 +148,9 @@ class GateHistogramHook(Hook):
         """Pick the gates and the period of the histograms."""
         self.selected = self._select(runner.model)
         if self.by_epoch is None:
-            self.by_epoch = hasattr(runner.train_loop, 'max_epochs')
+            # IterBasedTrainLoop has a max_epochs too (1), so test the type.
+            self.by_epoch = not isinstance(runner.train_loop,
+                                           IterBasedTrainLoop)
         if self.interval is None:
             self.interval = 1 if self.by_epoch else max(
                 1, runner.max_iters // 10)

@@ -44,7 +44,11 @@ class BatchShapingLoss(nn.Module):
         (1 / N) * sum_i (i / (N + 1) - F(x*_i)) ** 2
 
     where ``x*`` are the feature's values sorted over the batch and ``F`` is
-    the prior's CDF. Gradients flow back through the sort to the positions
+    the prior's CDF. ``reduction='sum'`` sums over the features instead, as
+    the paper does for a whole network ("We can sum this loss for each
+    considered feature"): each gate is then shaped with the full weight
+    lambda, whatever the number of gates, which is what the paper's recipes
+    (lambda = 0.75, 0.2) are tuned for. Gradients flow back through the sort to the positions
     the values came from. Values outside the prior's support are clamped to
     it (and then get no gradient from the loss).
 
@@ -64,6 +68,7 @@ class BatchShapingLoss(nn.Module):
             high)`` or a type registered in
             :data:`mmgated.models.losses.PRIORS`. Default: Beta(0.6, 0.4).
         loss_weight (float): lambda of Eq. (2). Default: 1.0.
+        reduction (str): 'mean' (default) or 'sum' over the features.
         gather (bool): Gather the batch over ranks under DDP. Default: True.
         check_finite (bool): Raise on non-finite inputs, naming the feature.
             Off by default because the check synchronises with the host.
@@ -73,11 +78,16 @@ class BatchShapingLoss(nn.Module):
     def __init__(self,
                  prior=dict(type='beta', a=0.6, b=0.4),
                  loss_weight: float = 1.0,
+                 reduction: str = 'mean',
                  gather: bool = True,
                  check_finite: bool = False,
                  loss_name: str = 'loss_bs'):
         super().__init__()
+        if reduction not in ('mean', 'sum'):
+            raise ValueError(f'reduction {reduction!r} is not one of '
+                             "('mean', 'sum')")
         self.prior = build_prior(prior)
+        self.reduction = reduction
         self.loss_weight = float(loss_weight)
         self.gather = gather
         self.check_finite = check_finite
@@ -126,7 +136,9 @@ class BatchShapingLoss(nn.Module):
             target = torch.arange(
                 1, n + 1, device=x.device, dtype=x.dtype) / (n + 1)
             cdf = self.prior(sorted_x)
-            loss = ((target[:, None] - cdf)**2).mean(dim=0).mean()
+            per_feature = ((target[:, None] - cdf)**2).mean(dim=0)
+            loss = per_feature.sum() if self.reduction == 'sum' \
+                else per_feature.mean()
             if world > 1:
                 loss = loss + (world - 1) * (loss - loss.detach())
         return self.loss_weight * loss

@@ -12,28 +12,30 @@ class GateL0Loss(nn.Module):
     """``gamma * sum_i sigmoid(ln pi_i)`` over the gates (Eq. 5).
 
     Normalisation: Eq. (5) sums over the ``k`` gates of the network. With
-    ``reduction='mean'`` (default) the sum is divided by ``k`` and averaged
-    over the ``N`` samples of the batch, so the loss is ``gamma`` times the
-    expected fraction of open gates, independent of the model's size and of
-    the batch size; ``reduction='sum'`` keeps the sum over gates (still
-    averaged over samples), which is Eq. (5) to the letter.
+    ``reduction='sum'`` (default) the loss is that sum for each sample,
+    averaged over the ``N`` samples of the batch (as the task loss is):
+    Eq. (5) to the letter, and the scale the paper's gamma values (1e-2 to
+    4e-1) are meant for, since each gate's logit then feels ``gamma`` itself.
+    ``reduction='mean'`` also divides by ``k``: ``gamma`` times the expected
+    fraction of open gates, independent of the model's size.
 
     With ``weighting='macs'`` each gate is weighted by the MACs it controls
     (the filter it switches and the input channel of the next convolution it
     removes, at the block's resolution), normalised to weights that average
     to 1; the 'mean' loss is then ``gamma`` times the expected fraction of
-    the gated MACs that run, so gamma acts on compute directly.
+    the gated MACs that run, so gamma acts on compute directly (with 'sum',
+    ``k`` times that).
 
     Args:
         loss_weight (float): gamma. Default: 1.0.
-        reduction (str): 'mean' or 'sum'. Default: 'mean'.
+        reduction (str): 'sum' or 'mean' over the gates. Default: 'sum'.
         weighting (str): 'uniform' or 'macs'. Default: 'uniform'.
         loss_name (str): Key of the loss in a loss dict. Default: 'loss_l0'.
     """
 
     def __init__(self,
                  loss_weight: float = 1.0,
-                 reduction: str = 'mean',
+                 reduction: str = 'sum',
                  weighting: str = 'uniform',
                  loss_name: str = 'loss_l0'):
         super().__init__()
