@@ -81,7 +81,9 @@ def pipeline_step(pipeline, step_type):
 def test_all_configs_are_listed():
     """The recipe lists below cover every top-level config."""
     top_level = {c for c in CONFIGS if osp.dirname(c) == ''}
-    assert top_level == set(PSPNET + IN1K + CIFAR)
+    assert top_level == set(PSPNET + IN1K + CIFAR), (
+        'add a new recipe to PSPNET, IN1K or CIFAR so that its paper values '
+        'are checked', top_level ^ set(PSPNET + IN1K + CIFAR))
     assert 'examples/pspnet_gated_r50_custom_dataset.py' in CONFIGS
     assert 'examples/resnet34_bas_custom_folder.py' in CONFIGS
 

@@ -18,6 +18,9 @@ def test_demo_trains_and_reports(tmp_path, capsys):
     assert 0 < metrics['gates/mac_ratio'] <= 1.01
     assert osp.isfile(tmp_path / 'epoch_1.pth')
     assert osp.isfile(tmp_path / 'demo_metrics.json')
+    for plot in ('gate_categories', 'mac_histogram', 'macs_vs_loss',
+                 'class_gate_usage'):
+        assert osp.isfile(tmp_path / 'gate_stats' / f'{plot}.png'), plot
     # 80 / 20 split of 6 images per class.
     train = os.listdir(tmp_path / 'data-60' / 'train')
     assert sorted(train) == [str(d) for d in range(10)]

@@ -203,6 +203,24 @@ def test_learned_gates_in_eval_mode(cifar_inputs):
         assert result['per_sample'][i].item() == cifar_conditional(counts)
 
 
+def test_skip_execution_counts_as_mask(cifar_inputs, monkeypatch):
+    # In 'skip' execution the analyzer would see only the open channels of
+    # the traced batch; count_macs must still report the dense network.
+    from mmgated.models.skip_execution import set_gate_execution
+    torch.manual_seed(0)
+    model = GatedResNetCifar(depth=20)
+    model.eval()
+    patterns = make_patterns(model, 3, seed=7)
+    patch_patterns(monkeypatch, model, patterns)
+    masked = count_macs(model, cifar_inputs)
+    set_gate_execution(model, 'skip')
+    skipped = count_macs(model, cifar_inputs)
+    assert skipped['dense'] == masked['dense'] == cifar_dense()
+    assert torch.equal(skipped['per_sample'], masked['per_sample'])
+    assert all(block.gate_execution == 'skip' for block in model.modules()
+               if hasattr(block, 'gate_execution') and block.gated)
+
+
 # ----------------------------------------------------------------------------
 # Bottleneck blocks and the three gate positions (mmseg ResNetV1c-50, tiny)
 # ----------------------------------------------------------------------------
@@ -427,6 +445,23 @@ def test_block_gate_overhead_by_hand():
     assert last['gate_macs'] == gate
     assert last['gate_fc_macs'] == gate - c * hw
     assert last['overhead'] == pytest.approx(gate / block)
+    # Dense figure against mmpretrain's dense ResNet-18.
+    from mmpretrain.models import ResNet
+    inputs = torch.zeros(1, 3, 64, 64)
+    assert count_macs(model, inputs)['dense'] == analyzer_total(
+        ResNet(depth=18), inputs)
+
+
+def test_paper_overhead_range():
+    # Paper, section 4.1: 0.018 % - 0.087 % of a ResNet block's MACs; the
+    # non-downsampling blocks of ResNet-18 at 224 x 224 span exactly that.
+    from mmgated.models.backbones.mmpretrain_resnet import GatedResNet
+    rows = block_gate_overhead(GatedResNet(depth=18),
+                               torch.zeros(1, 3, 224, 224))
+    plain = [r['overhead'] for r in rows if not r['block'].endswith('.0')
+             or r['block'] == 'layer1.0']
+    assert round(100 * min(plain), 3) == 0.018
+    assert round(100 * max(plain), 3) == 0.087
 
 
 def test_errors(resnet20):

@@ -68,6 +68,17 @@ def write_digits(data_root, max_samples=None, seed=0):
     return counts
 
 
+def _load_tool(relative_path):
+    """Import a script of tools/ as a module."""
+    import importlib.util
+    path = osp.join(REPO, 'tools', relative_path)
+    spec = importlib.util.spec_from_file_location(
+        osp.splitext(osp.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, REPO)
@@ -109,6 +120,14 @@ def main(argv=None):
     with open(report_path, 'w') as f:
         json.dump(metrics, f, indent=2)
 
+    plots_dir = osp.join(runner.work_dir, 'gate_stats')
+    gate_stats = _load_tool('analysis_tools/gate_stats.py')
+    gate_stats.main([
+        CONFIG, checkpoint, '--out-dir', plots_dir, '--cfg-options',
+        f'val_dataloader.dataset.data_root={data_root}',
+        f'work_dir={work_dir}'
+    ])
+
     print('\n[demo] results on the validation digits')
     print(f'  top-1 accuracy:               '
           f'{metrics["accuracy/top1"]:.2f} %')
@@ -124,6 +143,8 @@ def main(argv=None):
           f'{metrics["gates/gates_always_off"]:.0%}')
     print(f'  checkpoint: {checkpoint}')
     print(f'  metrics:    {report_path}')
+    print(f'  plots:      {plots_dir}/*.png (gate categories per layer, '
+          'MACs per image, MACs against loss, gate use per class)')
     return metrics
 
 

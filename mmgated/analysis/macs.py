@@ -4,6 +4,9 @@ The dense network is counted by mmengine's complexity analyzer
 (``mmengine.analysis.FlopAnalyzer``, which counts one multiply-accumulate as
 one "flop", and a BatchNorm in eval mode as 2 per element), so the dense
 figure of a gated model is the analyzer's figure of its dense counterpart.
+The analyzer always traces the ``'mask'`` execution of the gated blocks (all
+channels computed); the per-sample figures below hold for ``'skip'``
+execution as well, which computes exactly the open channels.
 
 The gating modules are counted by the same analyzer plus their global
 average pooling (one addition per pooled element), which the analyzer
@@ -14,12 +17,14 @@ The per-sample savings of the gates are computed from the convolution shapes
 of the gated blocks and the recorded gate decisions: a convolution between an
 input gate and an output gate costs
 ``open_in * open_out * kh * kw * H_out * W_out / groups`` MACs for a sample,
-and the norm layer right after a convolution with gated outputs is skipped
-for the closed channels (counted as the analyzer counts it). Elementwise
+and a BatchNorm right after a convolution with gated outputs is skipped for
+the closed channels (2 MACs per element, as the analyzer counts it; other
+norm layers are conservatively left in). Elementwise
 work that the analyzer does not count (ReLU, the gate multiplication) is not
 counted either.
 """
 from collections import Counter
+from contextlib import contextmanager
 from typing import Dict, List
 
 import torch
@@ -60,6 +65,27 @@ def _analyze(module: nn.Module, inputs: tuple,
     return analyzer
 
 
+@contextmanager
+def _mask_execution(model: nn.Module):
+    """Run gated blocks in ``'mask'`` execution for the analyzer's trace.
+
+    In ``'skip'`` execution a block computes only the open channels of the
+    traced batch, so the analyzer would count a conditional network as the
+    dense one (and the savings would then be taken off twice).
+    """
+    switched = []
+    for block in model.modules():
+        if is_gated_block(block) and getattr(block, 'gate_execution',
+                                             'mask') != 'mask':
+            switched.append((block, block.gate_execution))
+            block.gate_execution = 'mask'
+    try:
+        yield
+    finally:
+        for block, execution in switched:
+            block.gate_execution = execution
+
+
 def _check_inputs(inputs) -> None:
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
         shape = tuple(inputs.shape) if isinstance(inputs,
@@ -75,6 +101,9 @@ def dense_macs(model: nn.Module, inputs: torch.Tensor) -> Dict[str, float]:
     """MACs per sample of a model's inference forward, by mmengine's
     analyzer.
 
+    The model is traced in eval mode and ``'mask'`` execution; both are
+    restored afterwards.
+
     Args:
         model (nn.Module): A backbone, classifier or segmentor; called as
             ``model(inputs)`` (mode ``'tensor'`` for mm* models).
@@ -88,8 +117,16 @@ def dense_macs(model: nn.Module, inputs: torch.Tensor) -> Dict[str, float]:
     """
     _check_inputs(inputs)
     model = _unwrap(model)
-    analyzer = _analyze(model, (inputs, ), count_mean=True)
-    by_module = analyzer.by_module_and_operator()
+    # Eval mode: the inference network, and a trace that leaves the BN
+    # running statistics alone.
+    was_training = model.training
+    model.eval()
+    try:
+        with _mask_execution(model), torch.no_grad():
+            analyzer = _analyze(model, (inputs, ), count_mean=True)
+            by_module = analyzer.by_module_and_operator()
+    finally:
+        model.train(was_training)
     n = inputs.shape[0]
     gates = list(gate_modules(model))
     gating = sum(sum(by_module.get(name, Counter()).values())
@@ -290,8 +327,9 @@ def block_gate_overhead(model: nn.Module,
     was_training = model.training
     model.eval()
     try:
-        analyzer = _analyze(model, (inputs, ), count_mean=True)
-        by_module = analyzer.by_module_and_operator()
+        with _mask_execution(model):
+            analyzer = _analyze(model, (inputs, ), count_mean=True)
+            by_module = analyzer.by_module_and_operator()
     finally:
         model.train(was_training)
     n = inputs.shape[0]

@@ -202,8 +202,10 @@ class GateHistogramHook(Hook):
     def after_train(self, runner) -> None:
         """Close a last, unfinished period and draw what was not drawn."""
         if self.current is not None:
+            # Training stopped inside a period (mid-epoch, or the iterations
+            # after the last full interval).
             unit = 'epoch' if self.by_epoch else 'iter'
-            step = runner.epoch if self.by_epoch else runner.iter
+            step = runner.epoch + 1 if self.by_epoch else runner.iter
             self._close_period(runner, f'{unit} {step} (partial)', step)
         elif self.history and self.history[-1][1] != self._drawn_step:
             self._draw(runner, self.history[-1][1])
