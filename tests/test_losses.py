@@ -71,7 +71,8 @@ def test_gradient_matches_finite_differences(prior):
 
 
 @pytest.mark.parametrize('a,b', [(0.6, 0.4), (0.5, 0.5), (2.0, 3.0),
-                                 (0.2, 7.0), (30.0, 1.5), (1.0, 1.0)])
+                                 (0.2, 7.0), (30.0, 1.5), (1.0, 1.0),
+                                 (100.0, 100.0), (500.0, 2.0)])
 def test_beta_cdf_matches_scipy_betainc(a, b):
     x = torch.linspace(0, 1, 2001, dtype=torch.float64)
     ours = build_prior(dict(type='beta', a=a, b=b))(x)

@@ -126,7 +126,10 @@ class BetaPrior(Prior):
         self.eps = _check('eps', eps, lambda v: 0 < v < 0.5, '0 < eps < 0.5')
         self.log_beta = (math.lgamma(self.a) + math.lgamma(self.b) -
                          math.lgamma(self.a + self.b))
-        self.iterations = max(64, int(10 * math.sqrt(max(self.a, self.b))))
+        # The continued fraction converges in O(sqrt(max(a, b))) steps;
+        # this count reaches float64 round-off (< 1e-13 against scipy for
+        # a, b in [0.2, 500]) without testing convergence on the device.
+        self.iterations = 16 + int(1.5 * math.sqrt(max(self.a, self.b)))
 
     def cdf(self, x):
         return _BetaCDF.apply(x, self.a, self.b, self.log_beta,
