@@ -1,4 +1,6 @@
 """Skip execution (compute open channels only) against mask execution."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -134,12 +136,15 @@ def test_skip_equals_mask(key, batch_size):
         _check_equal(model, x, value, seed=int(value * 10))
 
 
-@pytest.mark.parametrize('overhead', [-1.0, 1.0])
+@pytest.mark.parametrize('efficiency', [1e9, 1e-9])
 @pytest.mark.parametrize('key', ['basic', 'bottleneck-both'])
-def test_union_and_grouped_plans(key, overhead, monkeypatch):
+def test_union_and_grouped_plans(key, efficiency, monkeypatch):
     """A batch whose patterns differ runs either as one computation of the
     union of open channels with masks, or one computation per pattern."""
-    monkeypatch.setattr(skip_execution, 'GROUP_OVERHEAD', overhead)
+    # 1e9: per pattern always; 1e-9: the union always.
+    monkeypatch.setattr(skip_execution, 'GROUP_EFFICIENCY', efficiency)
+    monkeypatch.setattr(skip_execution, 'PLAN_COSTS',
+                        dict(cpu=dict(weight=0, call=0)))
     model, size = _backbone(key)
     x = torch.randn(4, 3, size, size)
     _check_equal(model, x, 0.5, seed=3)
@@ -321,3 +326,116 @@ def test_gates_unchanged_by_skip():
         assert gate.output is not None and gate.map_size is not None
         assert gate.controlled_macs > 0
     set_gate_execution(model, 'mask')
+
+
+def test_count_macs_in_skip_mode():
+    """The MAC accounting (which traces the model) is the same in both
+    executions: tracing sees the dense graph."""
+    from mmgated.analysis import count_macs
+    model, size = _backbone('bottleneck-after_conv2')
+    x = torch.randn(2, 3, size, size)
+    results = {}
+    for execution in ('mask', 'skip'):
+        set_gate_execution(model, execution)
+        with force_gates(model, 0.4, seed=7):
+            results[execution] = count_macs(model, x)
+    set_gate_execution(model, 'mask')
+    assert results['mask']['dense'] == results['skip']['dense']
+    torch.testing.assert_close(results['mask']['per_sample'],
+                               results['skip']['per_sample'])
+    assert results['skip']['per_sample'].max() < 0.8 * results['skip'][
+        'dense']
+
+
+def test_conv_bias():
+    """Convs with a bias: indexed with the open filters, and the whole
+    output of a conv whose inputs are all closed."""
+    model = mmpretrain_models.build(dict(type='GatedResNet', depth=18))
+    gen = torch.Generator().manual_seed(3)
+    for block in (m for m in model.modules() if is_gated_block(m)):
+        for name in ('conv1', 'conv2'):
+            conv = getattr(block, name)
+            conv.bias = nn.Parameter(
+                torch.rand(conv.out_channels, generator=gen) - 0.5)
+    _randomize(model)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    for value in (0.0, 0.5):
+        _check_equal(model, x, value)
+
+
+def test_unsupported_conv():
+    model = mmpretrain_models.build(dict(type='GatedResNet', depth=18))
+    old = model.layer3[1].conv2
+    model.layer3[1].conv2 = nn.Conv2d(
+        old.in_channels, old.out_channels, 3, padding=1, groups=2)
+    with pytest.raises(NotImplementedError,
+                       match=r"'layer3.1'.*conv2 has groups=2"):
+        set_gate_execution(model, 'skip')
+
+    class WeightStandardized(nn.Conv2d):
+        pass
+
+    model.layer3[1].conv2 = WeightStandardized(old.in_channels,
+                                               old.out_channels, 3)
+    with pytest.raises(NotImplementedError, match='WeightStandardized'):
+        set_gate_execution(model, 'skip')
+
+
+def test_cached_weights_follow_updates():
+    """Skip execution keeps transposed weights and stacked BN vectors; they
+    must follow in-place updates (optimizer steps, load_state_dict) and be
+    dropped when switching back to mask execution."""
+    reference = mmpretrain_models.build(dict(type='GatedResNet', depth=18))
+    _randomize(reference)
+    reference.eval()
+    # Two models, so that the one in skip mode never switches (a switch
+    # drops the caches, which would hide a stale one).
+    fast = copy.deepcopy(reference)
+    set_gate_execution(fast, 'skip')
+    x = torch.randn(1, 3, 32, 32)
+
+    def compare():
+        with torch.no_grad():
+            with force_gates(reference, 0.6, seed=1):
+                expected = reference(x)
+            with force_gates(fast, 0.6, seed=1):
+                actual = fast(x)
+        _assert_equal_outputs(expected, actual)
+
+    compare()
+    for model in (reference, fast):
+        with torch.no_grad():
+            for block in (m for m in model.modules() if is_gated_block(m)):
+                block.conv2.weight.mul_(-0.5)
+                block.norm1.running_var.add_(1.0)
+                block.norm1.bias.sub_(0.25)
+    compare()
+    state = {k: v * 1.5 if k.endswith(('conv2.weight', 'bn1.weight')) else v
+             for k, v in reference.state_dict().items()}
+    for model in (reference, fast):
+        model.load_state_dict(state)
+    compare()
+    assert any('_skip_transposed' in m.__dict__ for m in fast.modules())
+    set_gate_execution(fast, 'mask')
+    assert not any('_skip_transposed' in m.__dict__
+                   or '_skip_stacked' in m.__dict__ for m in fast.modules())
+
+
+def test_traced_skip_block_is_dense():
+    """Under tracing (mmengine's FlopAnalyzer) a block in skip mode traces
+    the dense computation, so that analyzers count the dense network."""
+    from mmengine.analysis import FlopAnalyzer
+    model, size = _backbone('basic')
+    x = torch.randn(1, 3, size, size)
+    totals = {}
+    for execution in ('mask', 'skip'):
+        set_gate_execution(model, execution)
+        with force_gates(model, 0.3, seed=0):
+            analyzer = FlopAnalyzer(model, (x, ))
+            analyzer.unsupported_ops_warnings(False)
+            analyzer.uncalled_modules_warnings(False)
+            analyzer.tracer_warnings('none')
+            totals[execution] = analyzer.total()
+    set_gate_execution(model, 'mask')
+    assert totals['skip'] == totals['mask']

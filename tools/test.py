@@ -7,8 +7,12 @@ mmpretrain configs of this repo::
 """
 import argparse
 import os
+import time
 
+import torch
 from mmengine.config import DictAction
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 import mmgated  # noqa: F401  shims and registration
@@ -42,6 +46,12 @@ def parse_args():
         help='job launcher')
     parser.add_argument(
         '--tta', action='store_true', help='test time augmentation')
+    parser.add_argument(
+        '--gate-execution',
+        choices=['mask', 'skip'],
+        help="run the gated blocks in 'mask' execution (all channels, "
+        "closed ones zeroed) or 'skip' execution (open channels only) and "
+        'log the speed of the test loop')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args()
     if 'LOCAL_RANK' not in os.environ:
@@ -68,6 +78,51 @@ def trigger_visualization_hook(cfg, args):
         hook['wait_time'] = args.wait_time
 
 
+class _TestSpeedHook(Hook):
+    """Time each test iteration (model forward and evaluator update; the
+    data loading before it is left out)."""
+
+    priority = 'VERY_LOW'
+
+    def __init__(self):
+        self.times = []
+        self.images = 0
+        self._start = None
+
+    @staticmethod
+    def _sync():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def before_test_iter(self, runner, batch_idx, data_batch=None):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def after_test_iter(self, runner, batch_idx, data_batch=None,
+                        outputs=None):
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+        self.images += len(outputs) if outputs is not None else 0
+
+
+def _log_test_speed(hook, mode, wall):
+    if not hook.times:
+        print_log(f'gate execution {mode!r}: no test iteration ran',
+                  logger='current')
+        return
+    busy = sum(hook.times)
+    median = sorted(hook.times)[len(hook.times) // 2]
+    # The first batch of a gated model also traces it once to count its
+    # dense MACs (GateMetric); the median leaves that out.
+    print_log(
+        f'gate execution {mode!r}: {hook.images} images in '
+        f'{len(hook.times)} batches, {hook.images / busy:.2f} images/s, '
+        f'{busy / len(hook.times) * 1e3:.1f} ms per batch (mean; median '
+        f'{median * 1e3:.1f} ms; model and evaluator, data loading '
+        f'excluded), runner.test() took {wall:.1f} s (this process)',
+        logger='current')
+
+
 def main():
     args = parse_args()
     cfg = load_run_config(args.config, args.cfg_options, args.work_dir,
@@ -90,7 +145,17 @@ def main():
         from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(
             DumpResults(out_file_path=args.out))
+    speed_hook = None
+    if args.gate_execution is not None:
+        from mmgated.models import set_gate_execution
+        set_gate_execution(runner.model, args.gate_execution)
+        speed_hook = _TestSpeedHook()
+        runner.register_hook(speed_hook)
+    start = time.perf_counter()
     runner.test()
+    if speed_hook is not None:
+        _log_test_speed(speed_hook, args.gate_execution,
+                        time.perf_counter() - start)
 
 
 if __name__ == '__main__':

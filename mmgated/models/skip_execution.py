@@ -17,11 +17,24 @@ How a batch runs (see :func:`skip_residual`):
   run as they are: no gather, no mask, the cost of the dense block.
 * Otherwise the samples are grouped by gate pattern, and each group runs
   with the weights of its open channels gathered with ``index_select``: one
-  ``F.conv2d`` per convolution and group. With batch 1 (the latency case)
-  that is exactly one gather and one convolution each. When the batch's
+  convolution call per convolution and group. With batch 1 (the latency
+  case) that is exactly one gather and one call each. When the batch's
   patterns differ but its union of open channels is small (gates closed for
   the whole batch), computing the union for the whole batch and masking is
-  cheaper than many small convolutions; a MAC estimate picks the cheaper one.
+  cheaper than many small convolutions; a cost estimate (``PLAN_COSTS``)
+  picks the cheaper plan.
+
+How a convolution runs on the CPU: the filters of the open output channels
+are contiguous rows of the weight, a cheap gather. The open *input* channels
+are not: they are runs of ``kh*kw`` values strided by ``in*kh*kw``, a gather
+slower than the convolution itself in the weight-bound late stages at batch
+1. A convolution with stride 1 that reads a gated map therefore runs as the
+equal transposed convolution, whose ``(in, out, kh, kw)`` weight (a flipped,
+transposed copy, cached on the conv until its weight changes; dropped by
+``set_gate_execution(model, 'mask')``) has the open input channels as
+contiguous rows. Where PyTorch would run a convolution on a small single
+sample with its slow native kernels instead of oneDNN, oneDNN is called
+directly. None of this changes the numbers beyond floating point order.
 
 Skip execution is for inference only: the block must be in eval mode (its BN
 layers use running statistics, which the per-channel indexing relies on).
@@ -43,10 +56,30 @@ try:  # mmcv's Conv2d only adds empty-tensor support to nn.Conv2d
 except ImportError:  # pragma: no cover - mmcv is a dependency
     _PLAIN_CONVS = (nn.Conv2d, )
 
-# Per-group convolutions are less efficient than one batched convolution
-# (smaller GEMMs, a gather and a scatter each); a grouped plan must save more
-# than this fraction of the union plan's MACs to be chosen.
-GROUP_OVERHEAD = 0.15
+_HAS_ONEDNN_CONV = (hasattr(torch, 'mkldnn_convolution')
+                    and torch.backends.mkldnn.is_available())
+
+# How a batch whose samples have different gate patterns is computed is
+# decided by a cost estimate, in MAC equivalents, of two plans: one
+# computation of the batch's union of open channels (with masks), or one per
+# gate pattern. Besides its MACs, every convolution call costs
+#
+# * ``weight`` per weight element: on a CPU the weights are read several
+#   times per call (gather, oneDNN's reorder into its blocked layout, the
+#   convolution), which makes the weight-bound late stages (7x7 maps, large
+#   weights) prefer fewer, batched calls;
+# * ``call`` per call: launch latency, which dominates small kernels on a
+#   GPU (a rough figure: about ten kernel launches at ~10 us against ~1e13
+#   MAC/s; not measured in this repository).
+#
+# Devices not listed use the CPU figures.
+PLAN_COSTS = dict(cpu=dict(weight=32, call=0), cuda=dict(weight=1, call=1e8))
+# Per-pattern calls run on fewer samples and add a gather and a scatter of
+# the samples: the per-pattern plan is chosen when its estimate is below
+# this fraction of the union plan's. (ResNet-34, batch 8, 224x224, random
+# gates at 25 % and 50 % on this repository's 2-core CPU: 0.6 to 1.0 and 1
+# or 2 threads ran within the noise of each other.)
+GROUP_EFFICIENCY = 0.85
 
 
 def set_gate_execution(model: nn.Module, execution: str) -> nn.Module:
@@ -57,7 +90,8 @@ def set_gate_execution(model: nn.Module, execution: str) -> nn.Module:
             segmentor), possibly inside a model wrapper.
         execution (str): ``'mask'`` (compute all channels, multiply the
             closed ones by 0; needed for training) or ``'skip'`` (compute the
-            open channels only; eval only).
+            open channels only; eval only). Switching to ``'mask'`` also
+            frees the weight copies that skip execution caches.
 
     Returns:
         nn.Module: ``model``, for chaining.
@@ -86,6 +120,11 @@ def set_gate_execution(model: nn.Module, execution: str) -> nn.Module:
         block.__dict__.pop('_skip_checked', None)
         block.gate_execution = execution
         block.gate_cfg['execution'] = execution
+        if execution == 'mask':
+            convs, norms = _block_layers(block)[:2]
+            for module in convs + norms:
+                module.__dict__.pop('_skip_transposed', None)
+                module.__dict__.pop('_skip_stacked', None)
     # Keep the backbones' copies of gate_cfg in step, for logs and configs.
     for m in model.modules():
         cfg = getattr(m, 'gate_cfg', None)
@@ -155,11 +194,20 @@ def check_skip_support(block: nn.Module, name: Optional[str] = None) -> None:
                 'its closed channels; remove them or use execution=\'mask\'')
 
 
+def _training_error(block: nn.Module) -> RuntimeError:
+    return RuntimeError(
+        f'{type(block).__name__} runs with gate execution \'skip\', which '
+        'is for inference only (the open channels are computed with the BN '
+        'running statistics and without the gates\' gradient); call '
+        "model.eval() or set_gate_execution(model, 'mask') to train")
+
+
 def check_skip_mode(block: nn.Module) -> None:
     """Check a block about to run in skip mode.
 
     Raises:
-        RuntimeError: The block or one of its norms is in training mode.
+        RuntimeError: The block is in training mode (its norms are checked
+            when the residual runs, see :func:`skip_residual`).
         NotImplementedError: See :func:`check_skip_support`; checked on the
             first call after the mode was set.
     """
@@ -169,28 +217,91 @@ def check_skip_mode(block: nn.Module) -> None:
         # runs.
         check_skip_support(block)
         block.__dict__['_skip_checked'] = True
-    if block.training or any(n.training for n in _block_layers(block)[1]):
-        raise RuntimeError(
-            f'{type(block).__name__} runs with gate execution \'skip\', '
-            'which is for inference only (the open channels are computed '
-            'with BN running statistics and no mask gradient); call '
-            "model.eval() or set_gate_execution(model, 'mask') to train")
+    if block.training:
+        raise _training_error(block)
 
 
-def _out_size(conv: nn.Conv2d, size: Sequence[int]) -> Tuple[int, int]:
+def _transposed_padding(conv: nn.Conv2d) -> Tuple[int, ...]:
+    """Padding of the transposed convolution equal to ``conv`` (stride 1)."""
+    return tuple(d * (k - 1) - p for k, p, d in zip(
+        conv.kernel_size, conv.padding, conv.dilation))
+
+
+def _transposable(conv: nn.Conv2d, h: torch.Tensor) -> bool:
+    """Whether ``conv`` runs as a transposed convolution on ``h``: on the
+    CPU (where the strided gather is slow; cuDNN's convolutions are the
+    better tuned ones on a GPU), stride 1, no weight gradient needed (the
+    transposed weight is a cached copy)."""
+    return (h.device.type == 'cpu' and not torch.is_grad_enabled()
+            and all(s == 1 for s in conv.stride)
+            and min(_transposed_padding(conv)) >= 0)
+
+
+def _small_for_onednn(h: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether PyTorch leaves oneDNN out for this convolution: a single
+    float32 CPU sample of at most 20480 values with a kernel of at most
+    3x3 goes to its native kernels, which are several times slower for the
+    weight-heavy layers skip execution produces."""
+    return (h.shape[0] == 1 and h.numel() <= 20480
+            and h.dtype == torch.float32 and h.device.type == 'cpu'
+            and min(conv.kernel_size) <= 3 and _HAS_ONEDNN_CONV)
+
+
+def _onednn_conv2d(h, weight, bias, conv):
+    """``F.conv2d`` with ``conv``'s geometry, by oneDNN (see
+    :func:`_small_for_onednn`)."""
+    return torch.mkldnn_convolution(h.contiguous(), weight.contiguous(),
+                                    bias, conv.padding, conv.stride,
+                                    conv.dilation, 1)
+
+
+def _transposed_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """``conv.weight`` as the weight of the equal transposed convolution:
+    ``(in, out, kh, kw)``, kernel flipped.
+
+    Cached on the conv (not in its state dict) until the weight changes:
+    any in-place update (optimizer step, ``load_state_dict``) bumps its
+    version, a move or cast changes its storage. One copy of the weight per
+    such conv; ``set_gate_execution(model, 'mask')`` drops the copies.
+    """
+    weight = conv.weight
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
+           tuple(weight.shape))
+    cached = conv.__dict__.get('_skip_transposed')
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            transposed = weight.detach().transpose(0, 1).flip(
+                (2, 3)).contiguous()
+        cached = conv.__dict__['_skip_transposed'] = (key, transposed)
+    return cached[1]
+
+
+def _stacked_bn(norm: nn.Module) -> torch.Tensor:
+    """``(4, C)``: running mean and variance, weight and bias of an eval BN
+    (ones and zeros where it has no affine parameters), cached on the norm
+    until one of them changes (see :func:`_transposed_weight`)."""
+    sources = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype,
+                                        t.device) for t in sources)
+    cached = norm.__dict__.get('_skip_stacked')
+    if cached is None or cached[0] != key:
+        mean, var, weight, bias = sources
+        with torch.no_grad():
+            stacked = torch.stack([
+                mean, var,
+                torch.ones_like(mean) if weight is None else weight.detach(),
+                torch.zeros_like(mean) if bias is None else bias.detach()
+            ])
+        cached = norm.__dict__['_skip_stacked'] = (key, stacked)
+    return cached[1]
+
+
+def _out_size(conv: nn.Conv2d, size: Sequence[int]) -> Tuple[int, ...]:
     """Spatial output size of ``conv`` for an input of spatial ``size``."""
-    if isinstance(conv.padding, str):  # 'same' keeps, 'valid' pads nothing
-        padding = (0, 0) if conv.padding == 'valid' else None
-    else:
-        padding = conv.padding
-    out = []
-    for i, s in enumerate(size):
-        if padding is None:
-            out.append(s)
-            continue
-        k, st, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
-        out.append((s + 2 * padding[i] - d * (k - 1) - 1) // st + 1)
-    return tuple(out)
+    return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
+                 for s, k, st, p, d in zip(size, conv.kernel_size,
+                                           conv.stride, conv.padding,
+                                           conv.dilation))
 
 
 class _Plan:
@@ -200,6 +311,10 @@ class _Plan:
         self.block = block
         self.convs, self.norms, self.gate_names, self.plugins = \
             _block_layers(block)
+        if any(norm.training for norm in self.norms):
+            # A norm left in training mode would normalise with batch
+            # statistics in mask execution.
+            raise _training_error(block)
         self.last = len(self.convs) - 1
         gated = [j for j, g in enumerate(self.gate_names) if g is not None]
         # Convs that read or write a gated map depend on the gate pattern;
@@ -212,6 +327,7 @@ class _Plan:
             size = _out_size(conv, size)
             sizes.append(size)
         self.sizes = sizes
+        self.device_type = x.device.type
 
     def record_gate_sizes(self):
         """Set ``map_size`` and ``controlled_macs`` of the gates as the mask
@@ -225,9 +341,11 @@ class _Plan:
                 module.controlled_macs = channel_macs(
                     self.convs[j], self.convs[j + 1], *self.sizes[j])
 
-    def cost(self, counts: Sequence[int]) -> int:
-        """MACs per sample of the pattern-dependent convs when gated map
-        ``gated[i]`` has ``counts[i]`` open channels."""
+    def cost(self, counts: Sequence[int], n: int) -> float:
+        """Estimated cost, in MAC equivalents, of one call of the
+        pattern-dependent convs on ``n`` samples when gated map
+        ``gated[i]`` has ``counts[i]`` open channels (see ``PLAN_COSTS``)."""
+        costs = PLAN_COSTS.get(self.device_type, PLAN_COSTS['cpu'])
         open_ = {j: k for j, k in zip(self.gated, counts)}
         total = 0
         for j in range(self.start, self.end + 1):
@@ -235,7 +353,9 @@ class _Plan:
             c_in = open_.get(j - 1, conv.in_channels)
             c_out = open_.get(j, conv.out_channels)
             h, w = self.sizes[j]
-            total += c_in * c_out * h * w
+            kh, kw = conv.kernel_size
+            weights = c_in * c_out * kh * kw
+            total += weights * (n * h * w + costs['weight']) + costs['call']
         return total
 
     def dense_layer(self, j, h):
@@ -264,6 +384,25 @@ class _Plan:
             y = h.new_zeros((n, c_out) + self.sizes[j])
             if bias is not None:
                 y = y + bias[:, None, None]
+        elif in_idx is not None and out_idx is None \
+                and _transposable(conv, h):
+            if _small_for_onednn(h, conv) and h.shape[2] * h.shape[3] >= 100:
+                # PyTorch would run the transposed convolution below with
+                # its slow native kernel; the gather is cheap at this size.
+                y = _onednn_conv2d(h, conv.weight.index_select(1, in_idx),
+                                   bias, conv)
+            else:
+                # Reading the open input channels of a weight means
+                # gathering runs of kh*kw values strided by
+                # in_channels*kh*kw, at a few GB/s from memory: several
+                # times the convolution itself in the weight-bound late
+                # stages. The same convolution as a transposed convolution
+                # takes its weight as (in, out, kh, kw), where the open
+                # channels are contiguous blocks.
+                weight = _transposed_weight(conv).index_select(0, in_idx)
+                y = F.conv_transpose2d(h, weight, bias, 1,
+                                       _transposed_padding(conv), 0, 1,
+                                       conv.dilation)
         else:
             weight = conv.weight
             if out_idx is not None:
@@ -274,7 +413,7 @@ class _Plan:
                          conv.dilation)
         if out_idx is None:
             y = norm(y)
-        else:
+        elif torch.is_grad_enabled():
             y = F.batch_norm(
                 y, norm.running_mean.index_select(0, out_idx),
                 norm.running_var.index_select(0, out_idx),
@@ -282,6 +421,12 @@ class _Plan:
                     0, out_idx),
                 None if norm.bias is None else norm.bias.index_select(
                     0, out_idx), False, 0.0, norm.eps)
+        else:
+            # One gather for the four BN vectors instead of four.
+            mean, var, weight, bias = _stacked_bn(norm).index_select(
+                1, out_idx)
+            y = F.batch_norm(y, mean, var, weight, bias, False, 0.0,
+                             norm.eps)
         if j < self.last:
             y = self.block.relu(y)
         return y
@@ -324,33 +469,34 @@ def _segment_batch(plan: _Plan, h: torch.Tensor,
     if n == 1:
         return plan.segment(h, [_open_index(g[0]) for g in gates])
     open_ = [g > 0 for g in gates]
-    counts = torch.stack([o.sum(1) for o in open_], 1).tolist()
-    full = [g.shape[1] for g in gates]
-    if all(c == full for c in counts):
+    if all(bool(o.all()) for o in open_):
         return plan.segment(h, [None] * len(gates))
-    pattern = torch.cat(open_, 1)
-    patterns, inverse = torch.unique(
-        pattern.to(torch.uint8), dim=0, return_inverse=True)
+    patterns, inverse, sizes = torch.unique(
+        torch.cat(open_, 1).to(torch.uint8),
+        dim=0,
+        return_inverse=True,
+        return_counts=True)
     if patterns.shape[0] == 1:
         return plan.segment(h, [_open_index(o[0]) for o in open_])
+    patterns = torch.split(patterns.bool(), [g.shape[1] for g in gates], 1)
+    group_counts = torch.stack([p.sum(1) for p in patterns], 1).tolist()
+    group_cost = sum(
+        plan.cost(counts, size)
+        for counts, size in zip(group_counts, sizes.tolist()))
     union = [o.any(0) for o in open_]
-    union_counts = [int(u.sum()) for u in union]
-    union_cost = n * plan.cost(union_counts)
-    group_cost = sum(plan.cost(c) for c in counts)
-    if group_cost >= (1 - GROUP_OVERHEAD) * union_cost:
-        # Shared computation of the batch's open channels; the samples'
-        # closed channels among them are masked as in mask execution.
+    union_cost = plan.cost([int(u.sum()) for u in union], n)
+    if group_cost >= GROUP_EFFICIENCY * union_cost:
+        # One computation of the batch's open channels; the samples' closed
+        # channels among them are masked as in mask execution.
         indices = [_open_index(u) for u in union]
-        masks = [g if idx is None else g.index_select(1, idx)
+        masks = [(g if idx is None else g.index_select(1, idx)).to(h.dtype)
                  for g, idx in zip(gates, indices)]
-        masks = [m.to(h.dtype) for m in masks]
         return plan.segment(h, indices, masks)
     out = None
-    splits = torch.split(patterns.bool(), full, dim=1)
-    for p in range(patterns.shape[0]):
+    for p in range(sizes.shape[0]):
         rows = (inverse == p).nonzero().squeeze(1)
         y = plan.segment(
-            h.index_select(0, rows), [_open_index(s[p]) for s in splits])
+            h.index_select(0, rows), [_open_index(q[p]) for q in patterns])
         if out is None:
             out = y.new_empty((n, ) + tuple(y.shape[1:]))
         out.index_copy_(0, rows, y)
@@ -374,7 +520,11 @@ def skip_residual(block: nn.Module, x: torch.Tensor,
     Returns:
         Tensor: The residual branch (before the shortcut is added).
     """
-    if all(g is None for g in gates):
+    if all(g is None for g in gates) or torch.jit.is_tracing():
+        # Under tracing (mmengine's FlopAnalyzer, as in count_macs and
+        # GateMetric) the graph must be the dense one whose MACs the
+        # analyzer counts as the dense network; the per-sample savings come
+        # from the gates, as in mask execution.
         return block._residual(x, *gates)
     plan = _Plan(block, x)
     plan.record_gate_sizes()

@@ -1,0 +1,412 @@
+"""Inference latency of gated backbones: dense vs mask vs skip execution.
+
+For each model, device and batch size, three networks with the same weights
+are timed side by side, interleaved in a shuffled order each round, so that
+load changes of the machine hit all of them alike:
+
+* ``dense``: the upstream dense backbone (mmpretrain ``ResNet`` / mmseg
+  ``ResNetV1c``) with the gated backbone's weights copied in;
+* ``mask``: the gated backbone in mask execution (all channels computed,
+  closed ones multiplied by 0);
+* ``skip``: the gated backbone in skip execution (open channels only, see
+  :mod:`mmgated.models.skip_execution`).
+
+The gates are forced open at random with a fixed seed at each density of
+``--densities`` (the same pattern for mask and skip), and, with
+``--checkpoint``, left to the learned gating modules. The theoretical MAC
+ratio is :func:`mmgated.analysis.count_macs`' mean conditional MACs per sample
+(gating modules included) over the dense MACs, and the realized ratio is
+``(dense time / skip time) / (dense MACs / skip MACs)``: 1.0 means the skip
+execution turns the MAC savings into time savings one to one.
+
+Example::
+
+    python benchmarks/gated_inference.py --models resnet34 resnet50 \\
+        --batch-sizes 1 8 --size 224 --repeats 30 --out bench.json
+"""
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections import OrderedDict
+
+import torch
+from mmengine.logging import MMLogger
+
+MODELS = OrderedDict(
+    resnet34=dict(
+        scope='mmpretrain',
+        dense=dict(type='ResNet', depth=34),
+        gated=dict(type='GatedResNet', depth=34)),
+    resnet50=dict(
+        scope='mmpretrain',
+        dense=dict(type='ResNet', depth=50),
+        gated=dict(type='GatedResNet', depth=50)),
+    pspnet_r50_d8=dict(
+        scope='mmseg',
+        dense=dict(
+            type='ResNetV1c',
+            depth=50,
+            strides=(1, 2, 1, 1),
+            dilations=(1, 1, 2, 4),
+            contract_dilation=True),
+        gated=dict(
+            type='GatedResNetV1c',
+            depth=50,
+            strides=(1, 2, 1, 1),
+            dilations=(1, 1, 2, 4),
+            contract_dilation=True)),
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Latency of dense, mask and skip execution')
+    parser.add_argument(
+        '--models', nargs='+', default=list(MODELS), choices=list(MODELS),
+        help='backbones to time')
+    parser.add_argument(
+        '--batch-sizes', nargs='+', type=int, default=[1, 8],
+        help='batch sizes')
+    parser.add_argument(
+        '--size', type=int, default=224, help='input height and width')
+    parser.add_argument(
+        '--densities', nargs='+', type=float, default=[1.0, 0.75, 0.5, 0.25],
+        help='fractions of gates forced open (at random, seeded)')
+    parser.add_argument(
+        '--repeats', type=int, default=30,
+        help='timed runs of each network (after the warm-up)')
+    parser.add_argument(
+        '--warmup', type=int, default=3, help='untimed runs of each network')
+    parser.add_argument(
+        '--threads', type=int, default=None,
+        help='torch.set_num_threads (default: all cores of this process)')
+    parser.add_argument(
+        '--devices', nargs='+', default=None,
+        help="devices, e.g. 'cpu' 'cuda' (default: cpu, and cuda when "
+        'available)')
+    parser.add_argument(
+        '--gate-position', default='after_conv2',
+        choices=['after_conv1', 'after_conv2', 'both'],
+        help='gate position of Bottleneck blocks (ignored with '
+        '--checkpoint, which decides it)')
+    parser.add_argument(
+        '--checkpoint',
+        help='checkpoint of a gated classifier/segmentor or backbone of the '
+        'one model in --models: also time its learned gates')
+    parser.add_argument(
+        '--clock', choices=['wall', 'cpu'], default='wall',
+        help="'wall': elapsed time (default); 'cpu': CPU time of this "
+        'process (time.process_time), which other processes on a shared '
+        'machine barely disturb; meaningful with --threads 1 on the CPU '
+        'only (with more threads it adds up the threads, spin-waits '
+        'included)')
+    parser.add_argument('--seed', type=int, default=0, help='random seed')
+    parser.add_argument('--out', help='write the results to this JSON file')
+    args = parser.parse_args(argv)
+    for value in args.densities:
+        if not 0 <= value <= 1:
+            raise SystemExit(f'--densities: {value} is not in [0, 1]')
+    for value in args.batch_sizes:
+        if value < 1:
+            raise SystemExit(f'--batch-sizes: {value} is not >= 1')
+    if args.size < 32:
+        raise SystemExit(f'--size {args.size} is too small; use >= 32')
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit('--repeats must be >= 1 and --warmup >= 0, got '
+                         f'{args.repeats} and {args.warmup}')
+    if args.clock == 'cpu' and (args.threads != 1 or args.devices not in (
+            None, ['cpu'])):
+        raise SystemExit('--clock cpu needs --threads 1 and --devices cpu')
+    if args.checkpoint and len(args.models) != 1:
+        raise SystemExit('--checkpoint needs exactly one model in --models, '
+                         f'got {args.models}')
+    return args
+
+
+def _registry(scope):
+    import mmgated  # noqa: F401  registers the gated backbones
+    if scope == 'mmseg':
+        from mmseg.registry import MODELS as registry
+    else:
+        from mmpretrain.registry import MODELS as registry
+    return registry
+
+
+def _backbone_state(path):
+    """The backbone weights of a checkpoint (``backbone.`` prefix removed)."""
+    from mmengine.runner import CheckpointLoader
+    checkpoint = CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    state = checkpoint.get('state_dict', checkpoint)
+    if any(k.startswith('backbone.') for k in state):
+        state = OrderedDict((k[len('backbone.'):], v)
+                            for k, v in state.items()
+                            if k.startswith('backbone.'))
+    return state
+
+
+def _gate_cfg_of(state):
+    """``position`` and ``stages`` of the gates stored in a state dict."""
+    gated_stages, names = set(), set()
+    for key in state:
+        parts = key.split('.')
+        for name in ('gate', 'gate1', 'gate2'):
+            if name in parts[:-1] and parts[0].startswith('layer'):
+                names.add(name)
+                gated_stages.add(int(parts[0][len('layer'):]) - 1)
+    if not names:
+        raise SystemExit('the checkpoint has no gate weights')
+    position = {
+        frozenset({'gate1'}): 'after_conv1',
+        frozenset({'gate1', 'gate2'}): 'both'
+    }.get(frozenset(names), 'after_conv2')
+    return dict(position=position, stages=sorted(gated_stages))
+
+
+def build_pair(name, args):
+    """The gated backbone and its dense counterpart with the same weights."""
+    # init_weights logs every parameter at INFO level.
+    MMLogger.get_current_instance().setLevel(logging.WARNING)
+    spec = MODELS[name]
+    registry = _registry(spec['scope'])
+    torch.manual_seed(args.seed)
+    gated_cfg = dict(spec['gated'])
+    state = None
+    if args.checkpoint:
+        state = _backbone_state(args.checkpoint)
+        gated_cfg['gate_cfg'] = _gate_cfg_of(state)
+    elif gated_cfg['depth'] >= 50:
+        gated_cfg['gate_cfg'] = dict(position=args.gate_position)
+    gated = registry.build(gated_cfg)
+    if state is None:
+        gated.init_weights()
+    else:
+        missing, unexpected = gated.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise SystemExit(
+                f'checkpoint does not fit {gated_cfg["type"]}: missing '
+                f'{missing[:5]}, unexpected {unexpected[:5]}')
+    dense = registry.build(spec['dense'])
+    missing, unexpected = dense.load_state_dict(
+        gated.state_dict(), strict=False)
+    if missing or any('gate' not in k for k in unexpected):
+        raise RuntimeError(f'weights of {name} do not match the dense '
+                           f'backbone: missing {missing[:5]}')
+    dense.eval()
+    gated.eval()
+    return dense, gated
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def theoretical_macs(gated, x, value, seed):
+    """Mean conditional and dense MACs per sample with the gates forced
+    (``value`` a density, the timed pattern) or learned (``None``).
+
+    The computation of :func:`mmgated.analysis.count_macs` (its
+    ``per_sample`` mean and ``dense``), split so that the conditional count
+    sees the very pattern that was timed: ``count_macs`` traces the model
+    first, which would draw a pattern of its own from the seeded generator.
+    """
+    from mmgated.analysis import dense_macs, gated_savings
+    from mmgated.models import clear_gates
+    with torch.no_grad():
+        counted = dense_macs(gated, x)
+        clear_gates(gated)
+        _gated_call(gated, x, value, seed)()
+        per_sample = counted['total'] - gated_savings(gated)
+    dense = counted.get('dense', counted['total'] - counted['gating'])
+    return float(per_sample.mean()), float(dense)
+
+
+def time_networks(networks, device, repeats, warmup, seed, clock='wall'):
+    """Median, quartile and minimum latency (ms) of each callable, measured
+    round-robin in a shuffled order per round."""
+    now = time.process_time if clock == 'cpu' else time.perf_counter
+    order = list(networks)
+    times = {key: [] for key in order}
+    rng = random.Random(seed)
+    with torch.no_grad():
+        for _ in range(warmup):
+            for key in order:
+                networks[key]()
+        _sync(device)
+        for _ in range(repeats):
+            rng.shuffle(order)
+            for key in order:
+                start = now()
+                networks[key]()
+                _sync(device)
+                times[key].append((now() - start) * 1e3)
+    result = {}
+    for key, values in times.items():
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else \
+            values * 3
+        result[key] = dict(
+            median=statistics.median(values), q1=q[0], q3=q[2],
+            min=min(values))
+    return result
+
+
+def _gated_call(model, x, value, seed):
+    """Forward of ``model`` with its gates forced to ``value`` (a density,
+    seeded, the same pattern on every call) or learned (``None``).
+
+    The forcing is set on the gate modules directly: ``force_gates`` walks
+    the whole model, whose Python cost would be timed with the forward.
+    """
+    from mmgated.models import gate_modules
+    gates = list(gate_modules(model).values())
+
+    def run():
+        generator = None
+        if value is not None:
+            generator = torch.Generator().manual_seed(seed)
+        for gate in gates:
+            gate.forced = value
+            gate.force_generator = generator
+        return model(x)
+
+    return run
+
+
+def benchmark(name, device, batch_size, args):
+    from mmgated.models import set_gate_execution
+    dense, gated = build_pair(name, args)
+    # One gated copy per execution, switched once, so that no mode switch
+    # is timed.
+    skip = copy.deepcopy(gated)
+    set_gate_execution(gated, 'mask')
+    set_gate_execution(skip, 'skip')
+    for model in (dense, gated, skip):
+        model.to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(batch_size, 3, args.size, args.size,
+                    generator=gen).to(device)
+    settings = [(f'{round(d * 100)}%', d, args.seed + i)
+                for i, d in enumerate(args.densities)]
+    if args.checkpoint:
+        settings.append(('learned', None, None))
+    networks = OrderedDict(dense=lambda: dense(x))
+    for label, value, seed in settings:
+        networks[f'mask {label}'] = _gated_call(gated, x, value, seed)
+        networks[f'skip {label}'] = _gated_call(skip, x, value, seed)
+    times = time_networks(networks, device, args.repeats, args.warmup,
+                          args.seed, args.clock)
+    rows = []
+    for label, value, seed in settings:
+        macs, dense_macs = theoretical_macs(gated, x, value, seed)
+        dense_ms = times['dense']['median']
+        skip_ms = times[f'skip {label}']['median']
+        mask_ms = times[f'mask {label}']['median']
+        rows.append(
+            OrderedDict(
+                model=name,
+                size=args.size,
+                device=str(device),
+                batch=batch_size,
+                gates=label,
+                dense_ms=dense_ms,
+                mask_ms=mask_ms,
+                skip_ms=skip_ms,
+                dense_gmacs=dense_macs / 1e9,
+                skip_gmacs=macs / 1e9,
+                mac_ratio=macs / dense_macs,
+                speedup=dense_ms / skip_ms,
+                realized=(dense_ms / skip_ms) / (dense_macs / macs),
+                skip_vs_dense=skip_ms / dense_ms,
+                mask_vs_dense=mask_ms / dense_ms,
+                times=times_for(times, label)))
+    return rows
+
+
+def times_for(times, label):
+    return {key: value for key, value in times.items()
+            if key == 'dense' or key.endswith(' ' + label)}
+
+
+def markdown(rows):
+    lines = [
+        '| model | input | device | batch | gates open | dense ms | '
+        'mask ms | skip ms | MAC ratio | dense/skip | realized | '
+        'skip/dense |',
+        '|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|'
+    ]
+    for r in rows:
+        lines.append(
+            f'| {r["model"]} | {r["size"]}x{r["size"]} | {r["device"]} | '
+            f'{r["batch"]} | {r["gates"]} | {r["dense_ms"]:.1f} | '
+            f'{r["mask_ms"]:.1f} | {r["skip_ms"]:.1f} | '
+            f'{r["mac_ratio"]:.3f} | {r["speedup"]:.2f} | '
+            f'{r["realized"]:.2f} | {r["skip_vs_dense"]:.3f} |')
+    return '\n'.join(lines)
+
+
+def environment(args):
+    import mmengine
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    env = OrderedDict(
+        python=sys.version.split()[0],
+        torch=torch.__version__,
+        mmengine=mmengine.__version__,
+        cpu=cpu,
+        cores=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        cuda=torch.cuda.get_device_name(0)
+        if torch.cuda.is_available() else None,
+        command=' '.join([os.path.basename(sys.executable)] + sys.argv))
+    return env
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    devices = args.devices or (['cpu', 'cuda'] if torch.cuda.is_available()
+                               and args.clock == 'wall' else ['cpu'])
+    env = environment(args)
+    load_before = os.getloadavg()
+    rows = []
+    for device in devices:
+        device = torch.device(device)
+        for name in args.models:
+            for batch_size in args.batch_sizes:
+                start = time.time()
+                new = benchmark(name, device, batch_size, args)
+                rows += new
+                print(f'# {name} {device} batch {batch_size}: '
+                      f'{time.time() - start:.0f} s', file=sys.stderr)
+                print(markdown(new), file=sys.stderr)
+    env['loadavg_before'] = load_before
+    env['loadavg_after'] = os.getloadavg()
+    print(f'torch {env["torch"]}, {env["cpu"]}, {env["cores"]} cores, '
+          f'{env["threads"]} threads, load average {load_before[0]:.2f} -> '
+          f'{env["loadavg_after"][0]:.2f}; median of {args.repeats} runs, '
+          f'{args.clock} clock')
+    print(markdown(rows))
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(dict(environment=env, args=vars(args), rows=rows), f,
+                      indent=2)
+    return rows
+
+
+if __name__ == '__main__':
+    main()

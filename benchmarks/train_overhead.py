@@ -1,0 +1,254 @@
+"""Training-step overhead of a gated classifier over its dense counterpart.
+
+Times one training step (forward with the losses, backward, SGD step) of
+
+* ``dense``: mmpretrain ``ImageClassifier`` with a ``ResNet`` backbone, and
+* ``gated``: :class:`mmgated.models.GatedImageClassifier` with the
+  ``GatedResNet`` of the same depth and the paper's gate losses (batch-shaping
+  with a Beta(0.6, 0.4) prior and the L0 loss, both with weights > 0 so both
+  run),
+
+on the same batch, alternating the two every round (medians reported). Inside
+the gated step the gate-loss computation
+(:meth:`~mmgated.models.gate_loss_mixin.GateLossMixin.gate_losses`: both
+losses and the open rate) is timed separately, and so is, in an extra untimed
+pass, the backward of those losses alone down to the gate probabilities, so
+that the share of a step that the gate losses cost can be read off.
+
+Example::
+
+    python benchmarks/train_overhead.py --depths 18 34 --size 112 \\
+        --batch-size 8 --repeats 20
+"""
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from collections import OrderedDict
+
+import torch
+from mmengine.logging import MMLogger
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Training-step time of gated vs dense classifiers')
+    parser.add_argument('--depths', nargs='+', type=int, default=[18, 34],
+                        choices=[18, 34, 50], help='ResNet depths')
+    parser.add_argument('--size', type=int, default=112,
+                        help='input height and width')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--repeats', type=int, default=20,
+                        help='timed steps of each model')
+    parser.add_argument('--warmup', type=int, default=3,
+                        help='untimed steps of each model')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch.set_num_threads (default: all cores)')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', help='write the results to this JSON file')
+    args = parser.parse_args(argv)
+    if args.batch_size < 2:
+        raise SystemExit(f'--batch-size {args.batch_size}: batch-shaping '
+                         'needs at least 2 samples')
+    if args.repeats < 1 or args.warmup < 0 or args.size < 32:
+        raise SystemExit('need --repeats >= 1, --warmup >= 0, --size >= 32; '
+                         f'got {args.repeats}, {args.warmup}, {args.size}')
+    return args
+
+
+def build_models(depth, device, seed):
+    import mmgated  # noqa: F401  registers the gated models
+    from mmpretrain.registry import MODELS
+    channels = 2048 if depth >= 50 else 512
+    common = dict(
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(
+            type='LinearClsHead',
+            num_classes=1000,
+            in_channels=channels,
+            loss=dict(type='CrossEntropyLoss', loss_weight=1.0)))
+    torch.manual_seed(seed)
+    dense = MODELS.build(
+        dict(type='ImageClassifier', backbone=dict(type='ResNet',
+                                                   depth=depth), **common))
+    gated = MODELS.build(
+        dict(
+            type='GatedImageClassifier',
+            backbone=dict(type='GatedResNet', depth=depth),
+            batch_shaping_loss=dict(
+                type='BatchShapingLoss',
+                prior=dict(type='beta', a=0.6, b=0.4),
+                loss_weight=0.75,
+                reduction='sum'),
+            l0_loss=dict(type='GateL0Loss', loss_weight=0.05),
+            **common))
+    # init_weights logs every parameter at INFO level.
+    MMLogger.get_current_instance().setLevel(logging.WARNING)
+    dense.init_weights()
+    gated.init_weights()
+    # Same weights where the models share them.
+    gated.load_state_dict(dense.state_dict(), strict=False)
+    for model in (dense, gated):
+        model.to(device)
+        model.train()
+    return dense, gated
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+class GateLossTimer:
+    """Wrap a gated model's ``gate_losses`` to time each call."""
+
+    def __init__(self, model, device):
+        self.model = model
+        self.device = device
+        self.original = model.gate_losses
+        self.last = 0.0
+        model.gate_losses = self
+
+    def __call__(self):
+        _sync(self.device)
+        start = time.perf_counter()
+        losses = self.original()
+        _sync(self.device)
+        self.last = time.perf_counter() - start
+        return losses
+
+
+def make_step(model, optimizer, inputs, samples, device):
+    def step():
+        losses = model.loss(inputs, samples)
+        loss = sum(v for k, v in losses.items() if 'loss' in k)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(device)
+        return losses
+    return step
+
+
+def gate_loss_backward_time(gated, device):
+    """Seconds of the backward pass of the gate losses alone, down to the
+    gate probabilities of the last forward pass (untimed in the step)."""
+    from mmgated.models import collect_gates
+    losses = gated.gate_losses.original()
+    total = sum(v for k, v in losses.items() if k.startswith('loss'))
+    leaves = [o.probs for o in collect_gates(gated).values()]
+    _sync(device)
+    start = time.perf_counter()
+    torch.autograd.grad(total, leaves, retain_graph=False,
+                        allow_unused=True)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def benchmark(depth, args, device):
+    from mmpretrain.structures import DataSample
+    dense, gated = build_models(depth, device, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    inputs = torch.randn(args.batch_size, 3, args.size, args.size,
+                         generator=gen).to(device)
+    labels = torch.randint(1000, (args.batch_size, ), generator=gen)
+    samples = [DataSample().set_gt_label(int(label)) for label in labels]
+    timer = GateLossTimer(gated, device)
+    steps = OrderedDict()
+    for name, model in (('dense', dense), ('gated', gated)):
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        steps[name] = make_step(model, optimizer, inputs, samples, device)
+    times = {name: [] for name in steps}
+    gate_loss, gate_loss_share, gate_backward = [], [], []
+    for i in range(args.warmup + args.repeats):
+        # Alternate which model goes first, so neither always follows the
+        # other's memory traffic.
+        order = list(steps) if i % 2 == 0 else list(steps)[::-1]
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            elapsed = time.perf_counter() - start
+            if i >= args.warmup:
+                times[name].append(elapsed)
+                if name == 'gated':
+                    gate_loss.append(timer.last)
+                    gate_loss_share.append(timer.last / elapsed)
+        if i >= args.warmup:
+            # The gated model's last forward is still recorded on its gates.
+            with torch.enable_grad():
+                gated.loss(inputs, samples)  # fresh graph for the backward
+                gate_backward.append(gate_loss_backward_time(gated, device))
+    dense_ms = statistics.median(times['dense']) * 1e3
+    gated_ms = statistics.median(times['gated']) * 1e3
+    loss_ms = statistics.median(gate_loss) * 1e3
+    backward_ms = statistics.median(gate_backward) * 1e3
+    return OrderedDict(
+        model=f'resnet{depth}',
+        size=args.size,
+        batch=args.batch_size,
+        device=str(device),
+        dense_ms=dense_ms,
+        gated_ms=gated_ms,
+        overhead=gated_ms / dense_ms,
+        gate_loss_ms=loss_ms,
+        gate_loss_share=statistics.median(gate_loss_share),
+        gate_loss_backward_ms=backward_ms,
+        gate_loss_fwd_bwd_share=(loss_ms + backward_ms) / gated_ms,
+        dense_all_ms=[t * 1e3 for t in times['dense']],
+        gated_all_ms=[t * 1e3 for t in times['gated']])
+
+
+def markdown(rows):
+    lines = [
+        '| model | input | batch | device | dense step ms | gated step ms '
+        '| gated/dense | gate losses ms | share of step | + their backward '
+        'ms | fwd+bwd share |',
+        '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|'
+    ]
+    for r in rows:
+        lines.append(
+            f'| {r["model"]} | {r["size"]}x{r["size"]} | {r["batch"]} | '
+            f'{r["device"]} | {r["dense_ms"]:.1f} | {r["gated_ms"]:.1f} | '
+            f'{r["overhead"]:.3f} | {r["gate_loss_ms"]:.2f} | '
+            f'{r["gate_loss_share"] * 100:.2f} % | '
+            f'{r["gate_loss_backward_ms"]:.2f} | '
+            f'{r["gate_loss_fwd_bwd_share"] * 100:.2f} % |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    device = torch.device(args.device)
+    load_before = os.getloadavg()
+    rows = []
+    for depth in args.depths:
+        start = time.time()
+        rows.append(benchmark(depth, args, device))
+        print(f'# resnet{depth}: {time.time() - start:.0f} s',
+              file=sys.stderr)
+    load_after = os.getloadavg()
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
+          f'load average {load_before[0]:.2f} -> {load_after[0]:.2f}; '
+          f'median of {args.repeats} steps (targets: gated/dense <= 1.05, '
+          'gate losses <= 1 % of a step)')
+    print(markdown(rows))
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(
+                dict(
+                    torch=torch.__version__,
+                    threads=torch.get_num_threads(),
+                    loadavg=[load_before, load_after],
+                    args=vars(args),
+                    rows=rows), f, indent=2)
+    return rows
+
+
+if __name__ == '__main__':
+    main()
