@@ -6,7 +6,7 @@ Writes scikit-learn's handwritten digits (shipped inside scikit-learn) as a
 path as tools/train.py), then reports the accuracy, the conditional MAC
 ratio and the gate categories, and draws the gate plots::
 
-    python tools/demo.py                 # about 3 minutes on 2 CPU cores
+    python tools/demo.py                 # under a minute on 2 CPU cores
 """
 import argparse
 import json
