@@ -113,6 +113,9 @@ def make_runner(work_dir, max_epochs, resume_from=None, hooks=None):
         default_scope='mmpretrain',
         randomness=dict(seed=0),
         cfg=dict(l0_gamma=0.2),
+        # Runs started in the same second would otherwise share mmengine's
+        # visualizer instance (named after the time) and its files.
+        experiment_name=f'{osp.basename(str(work_dir))}-{max_epochs}',
         load_from=resume_from,
         resume=resume_from is not None)
 

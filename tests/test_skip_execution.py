@@ -55,6 +55,13 @@ BACKBONES = {
 _CACHE = {}
 
 
+def build_in(registry, cfg):
+    """Build from ``registry`` itself: ``Registry.build`` would switch to
+    the default scope that an earlier test left set."""
+    cfg = dict(cfg)
+    return registry.get(cfg.pop('type'))(**cfg)
+
+
 @pytest.fixture(scope='module', autouse=True)
 def _one_thread():
     # The models are tiny: one thread is as fast, and far faster when other
@@ -87,7 +94,7 @@ def _backbone(key):
     if key not in _CACHE:
         registry, cfg, size = BACKBONES[key]
         torch.manual_seed(0)
-        model = registry.build(cfg)
+        model = build_in(registry, cfg)
         _randomize(model)
         model.eval()
         _CACHE[key] = (model, size)
@@ -198,7 +205,7 @@ def test_structured_patterns(key):
 
 
 def test_built_with_skip_execution():
-    model = mmpretrain_models.build(
+    model = build_in(mmpretrain_models,
         dict(type='GatedResNet', depth=18, gate_cfg=dict(execution='skip')))
     blocks = [m for m in model.modules() if is_gated_block(m)]
     assert blocks and all(b.gate_execution == 'skip' for b in blocks)
@@ -243,16 +250,16 @@ def test_set_gate_execution_bad_value():
         set_gate_execution(model, 'fast')
     with pytest.raises(ValueError, match='no gated block'):
         set_gate_execution(
-            mmpretrain_models.build(dict(type='ResNet', depth=18)), 'skip')
+            build_in(mmpretrain_models, dict(type='ResNet', depth=18)), 'skip')
     with pytest.raises(ValueError, match='execution'):
-        mmpretrain_models.build(
+        build_in(mmpretrain_models,
             dict(type='GatedResNet', depth=18,
                  gate_cfg=dict(execution='sparse')))
 
 
 def test_ungated_stages_and_gradients():
     """Ungated stages run dense; skip works with autograd enabled (eval)."""
-    model = mmpretrain_models.build(
+    model = build_in(mmpretrain_models,
         dict(type='GatedResNet', depth=18, gate_cfg=dict(stages=(1, 3))))
     _randomize(model)
     model.eval()
@@ -273,7 +280,7 @@ def test_plugins():
     # Narrow stages keep the four builds fast.
     narrow = dict(type='GatedResNet', depth=50, stem_channels=16,
                   base_channels=16)
-    model = mmseg_models.build(
+    model = build_in(mmseg_models,
         dict(narrow,
              plugins=[dict(context, position='after_conv2')]))
     model.eval()
@@ -282,21 +289,21 @@ def test_plugins():
     blocks = [m for m in model.modules() if is_gated_block(m)]
     assert all(b.gate_execution == 'mask' for b in blocks)
 
-    model = mmseg_models.build(
+    model = build_in(mmseg_models,
         dict(narrow,
              plugins=[dict(context, position='after_conv3')]))
     _randomize(model)
     model.eval()
     _check_equal(model, torch.randn(2, 3, 32, 32), 0.5)
 
-    model = mmseg_models.build(
+    model = build_in(mmseg_models,
         dict(narrow,
              plugins=[dict(context, position='after_conv1')],
              gate_cfg=dict(position='after_conv2', execution='skip')))
     _randomize(model)
     model.eval()
     _check_equal(model, torch.randn(2, 3, 32, 32), 0.5)
-    model = mmseg_models.build(
+    model = build_in(mmseg_models,
         dict(narrow,
              plugins=[dict(context, position='after_conv1')],
              gate_cfg=dict(position='after_conv1', execution='skip')))
@@ -307,7 +314,7 @@ def test_plugins():
 
 
 def test_unsupported_norm():
-    model = mmpretrain_models.build(
+    model = build_in(mmpretrain_models,
         dict(type='GatedResNet', depth=18,
              norm_cfg=dict(type='GN', num_groups=4)))
     with pytest.raises(NotImplementedError, match='norm1 is a GroupNorm'):
@@ -350,7 +357,7 @@ def test_count_macs_in_skip_mode():
 def test_conv_bias():
     """Convs with a bias: indexed with the open filters, and the whole
     output of a conv whose inputs are all closed."""
-    model = mmpretrain_models.build(dict(type='GatedResNet', depth=18))
+    model = build_in(mmpretrain_models, dict(type='GatedResNet', depth=18))
     gen = torch.Generator().manual_seed(3)
     for block in (m for m in model.modules() if is_gated_block(m)):
         for name in ('conv1', 'conv2'):
@@ -365,7 +372,7 @@ def test_conv_bias():
 
 
 def test_unsupported_conv():
-    model = mmpretrain_models.build(dict(type='GatedResNet', depth=18))
+    model = build_in(mmpretrain_models, dict(type='GatedResNet', depth=18))
     old = model.layer3[1].conv2
     model.layer3[1].conv2 = nn.Conv2d(
         old.in_channels, old.out_channels, 3, padding=1, groups=2)
@@ -386,7 +393,7 @@ def test_cached_weights_follow_updates():
     """Skip execution keeps transposed weights and stacked BN vectors; they
     must follow in-place updates (optimizer steps, load_state_dict) and be
     dropped when switching back to mask execution."""
-    reference = mmpretrain_models.build(dict(type='GatedResNet', depth=18))
+    reference = build_in(mmpretrain_models, dict(type='GatedResNet', depth=18))
     _randomize(reference)
     reference.eval()
     # Two models, so that the one in skip mode never switches (a switch
