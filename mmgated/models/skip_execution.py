@@ -64,21 +64,21 @@ _HAS_ONEDNN_CONV = (hasattr(torch, 'mkldnn_convolution')
 # computation of the batch's union of open channels (with masks), or one per
 # gate pattern. Besides its MACs, every convolution call costs
 #
-# * ``weight`` per weight element: on a CPU the weights are read several
-#   times per call (gather, oneDNN's reorder into its blocked layout, the
-#   convolution), which makes the weight-bound late stages (7x7 maps, large
-#   weights) prefer fewer, batched calls;
+# * ``weight`` per weight element and thread: on a CPU the weights pass
+#   through memory about five times per call (gather, oneDNN's reorder into
+#   its blocked layout, the convolution), at a bandwidth that more threads
+#   do not raise while they raise the MAC rate; about 64 MACs per element
+#   and thread on the 2-core test machine. It makes the weight-bound late
+#   stages (7x7 maps, large weights) of a batch prefer the union plan;
 # * ``call`` per call: launch latency, which dominates small kernels on a
 #   GPU (a rough figure: about ten kernel launches at ~10 us against ~1e13
 #   MAC/s; not measured in this repository).
 #
 # Devices not listed use the CPU figures.
-PLAN_COSTS = dict(cpu=dict(weight=32, call=0), cuda=dict(weight=1, call=1e8))
+PLAN_COSTS = dict(cpu=dict(weight=64, call=0), cuda=dict(weight=1, call=1e8))
 # Per-pattern calls run on fewer samples and add a gather and a scatter of
 # the samples: the per-pattern plan is chosen when its estimate is below
-# this fraction of the union plan's. (ResNet-34, batch 8, 224x224, random
-# gates at 25 % and 50 % on this repository's 2-core CPU: 0.6 to 1.0 and 1
-# or 2 threads ran within the noise of each other.)
+# this fraction of the union plan's.
 GROUP_EFFICIENCY = 0.85
 
 
@@ -346,6 +346,9 @@ class _Plan:
         pattern-dependent convs on ``n`` samples when gated map
         ``gated[i]`` has ``counts[i]`` open channels (see ``PLAN_COSTS``)."""
         costs = PLAN_COSTS.get(self.device_type, PLAN_COSTS['cpu'])
+        weight_cost = costs['weight']
+        if self.device_type == 'cpu':
+            weight_cost *= torch.get_num_threads()
         open_ = {j: k for j, k in zip(self.gated, counts)}
         total = 0
         for j in range(self.start, self.end + 1):
@@ -355,7 +358,7 @@ class _Plan:
             h, w = self.sizes[j]
             kh, kw = conv.kernel_size
             weights = c_in * c_out * kh * kw
-            total += weights * (n * h * w + costs['weight']) + costs['call']
+            total += weights * (n * h * w + weight_cost) + costs['call']
         return total
 
     def dense_layer(self, j, h):
