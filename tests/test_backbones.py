@@ -8,7 +8,8 @@ from mmpretrain.models.backbones import ResNetV1c as ClsResNetV1c
 from mmseg.models.backbones import ResNet as SegResNet
 from mmseg.models.backbones import ResNetV1c as SegResNetV1c
 
-from mmgated.models import (ChannelGate, GatedResNetCifar, ResNetCifar,
+from mmgated.models import (ChannelGate, GatedResNetCifar, GateOutput,
+                            ResNetCifar,
                             clear_gates, collect_gates, force_gates,
                             gate_modules)
 from mmgated.models.backbones import mmpretrain_resnet as cls_gated
@@ -173,6 +174,49 @@ def test_eval_is_deterministic_and_draws_no_noise():
     for name, out in collect_gates(model).items():
         assert torch.equal(out.gates, first_gates[name])
         assert torch.equal(out.gates, (out.logits > 0).float())
+
+
+@pytest.mark.parametrize('norm_cfg', [dict(type='BN'),
+                                      dict(type='GN', num_groups=4)])
+def test_inference_gate_equals_eval_forward_with_autograd(norm_cfg):
+    """Under no_grad an eval gate folds its BN into fc1 and leaves probs and
+    relaxed to be computed when read; the result equals the plain eval
+    forward."""
+    gate = ChannelGate(8, 32, norm_cfg=norm_cfg)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_()
+        if norm_cfg['type'] == 'BN':
+            gate.norm.running_mean.normal_()
+            gate.norm.running_var.uniform_(0.5, 2.0)
+    gate.eval()
+    x = torch.randn(5, 8, 3, 3)
+    reference = gate(x)
+    expected = gate.output
+    with torch.no_grad():
+        fast = gate(x)
+        out = gate.output
+        assert out._probs is None and out._relaxed is None
+        torch.testing.assert_close(out.logits, expected.logits.detach())
+        assert torch.equal(fast, reference.detach())
+        torch.testing.assert_close(out.probs, expected.probs.detach())
+        torch.testing.assert_close(out.relaxed, expected.relaxed.detach())
+        if norm_cfg['type'] == 'BN':
+            # The folded weights follow in-place updates of the BN.
+            gate.norm.running_var.mul_(4.0)
+            gate(x)
+            stale = gate.output.logits
+    if norm_cfg['type'] == 'BN':
+        gate(x)
+        torch.testing.assert_close(stale, gate.output.logits.detach())
+
+
+def test_gate_output_needs_tau_for_missing_values():
+    logits = torch.randn(2, 3)
+    with pytest.raises(ValueError, match='tau'):
+        GateOutput(logits, None, None, (logits > 0).float())
+    out = GateOutput(logits, None, None, (logits > 0).float(), tau=0.5)
+    torch.testing.assert_close(out.relaxed, torch.sigmoid(logits / 0.5))
 
 
 def test_training_draws_binary_concrete_samples():

@@ -158,6 +158,36 @@ def test_union_and_grouped_plans(key, efficiency, monkeypatch):
     _check_equal(model, x, 0.9, seed=4)
 
 
+@pytest.mark.parametrize('weight_cost', [0, 1e12])
+@pytest.mark.parametrize('key', ['basic', 'bottleneck-both', 'pspnet-both'])
+def test_batch_one_sparse_and_masked_dense_plans(key, weight_cost,
+                                                 monkeypatch):
+    """At batch 1 a block computes its open channels only, or, where the
+    cost estimate says the weight gathers cost more than they save, all
+    channels with the closed ones masked; both equal mask execution."""
+    # 0: gathering is free, always sparse; 1e12: gathers dominate, so
+    # 90 % open (81 % of conv2 in 'both') is cheaper dense with masks.
+    monkeypatch.setattr(skip_execution, 'PLAN_COSTS',
+                        dict(cpu=dict(weight=weight_cost, call=0)))
+    model, size = _backbone(key)
+    calls = []
+    original = skip_execution._Plan.segment
+
+    def segment(plan, h, indices, masks=None):
+        calls.append((any(i is not None for i in indices), masks is not None))
+        return original(plan, h, indices, masks)
+
+    monkeypatch.setattr(skip_execution._Plan, 'segment', segment)
+    x = torch.randn(1, 3, size, size)
+    _check_equal(model, x, 0.6 if weight_cost == 0 else 0.9, seed=2)
+    sparse = [c for c in calls if c[0]]
+    masked = [c for c in calls if c[1]]
+    if weight_cost == 0:
+        assert sparse and not masked
+    else:
+        assert masked and not sparse
+
+
 def _pattern_hook(make):
     def hook(module, inputs, gates):
         return make(gates)
@@ -390,9 +420,10 @@ def test_unsupported_conv():
 
 
 def test_cached_weights_follow_updates():
-    """Skip execution keeps transposed weights and stacked BN vectors; they
-    must follow in-place updates (optimizer steps, load_state_dict) and be
-    dropped when switching back to mask execution."""
+    """Skip execution keeps BN-folded weights and their transposed and
+    im2col layouts; they must follow in-place updates (optimizer steps,
+    load_state_dict) and be dropped when switching back to mask
+    execution."""
     reference = build_in(mmpretrain_models, dict(type='GatedResNet', depth=18))
     _randomize(reference)
     reference.eval()
@@ -400,15 +431,18 @@ def test_cached_weights_follow_updates():
     # drops the caches, which would hide a stale one).
     fast = copy.deepcopy(reference)
     set_gate_execution(fast, 'skip')
-    x = torch.randn(1, 3, 32, 32)
+    # Batch 1 on small maps reads open inputs through the im2col layout,
+    # a batch of 2 on larger maps through the transposed one.
+    inputs = (torch.randn(1, 3, 32, 32), torch.randn(2, 3, 64, 64))
 
     def compare():
-        with torch.no_grad():
-            with force_gates(reference, 0.6, seed=1):
-                expected = reference(x)
-            with force_gates(fast, 0.6, seed=1):
-                actual = fast(x)
-        _assert_equal_outputs(expected, actual)
+        for x in inputs:
+            with torch.no_grad():
+                with force_gates(reference, 0.6, seed=1):
+                    expected = reference(x)
+                with force_gates(fast, 0.6, seed=1):
+                    actual = fast(x)
+            _assert_equal_outputs(expected, actual)
 
     compare()
     for model in (reference, fast):
@@ -423,10 +457,13 @@ def test_cached_weights_follow_updates():
     for model in (reference, fast):
         model.load_state_dict(state)
     compare()
-    assert any('_skip_transposed' in m.__dict__ for m in fast.modules())
+    for name in ('_skip_folded', '_skip_transposed', '_skip_gemm',
+                 '_skip_plans'):
+        assert any(name in m.__dict__ for m in fast.modules()), name
     set_gate_execution(fast, 'mask')
-    assert not any('_skip_transposed' in m.__dict__
-                   or '_skip_stacked' in m.__dict__ for m in fast.modules())
+    for name in ('_skip_folded', '_skip_transposed', '_skip_gemm',
+                 '_skip_plans'):
+        assert not any(name in m.__dict__ for m in fast.modules()), name
 
 
 def test_traced_skip_block_is_dense():

@@ -135,7 +135,9 @@ class _GatedBlockMixin:
             drop_path = getattr(self, 'drop_path', None)  # mmpretrain only
             if drop_path is not None:
                 out = drop_path(out)
-            return out + identity
+            # In place, as upstream: no backward needs the branch output.
+            out += identity
+            return out
 
         if self.with_cp and x.requires_grad:
             out = cp.checkpoint(_inner_forward, x, *gates, use_reentrant=False)

@@ -14,7 +14,7 @@ model, keyed by module name. Losses and analysis read gates only through it.
 import math
 from collections import OrderedDict
 from numbers import Real
-from typing import Dict, NamedTuple, Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ GATE_POSITIONS = ('after_conv1', 'after_conv2', 'both')
 GATE_EXECUTIONS = ('mask', 'skip')
 
 
-class GateOutput(NamedTuple):
+class GateOutput:
     """What one gate computed for the last batch.
 
     Attributes:
@@ -47,11 +47,41 @@ class GateOutput(NamedTuple):
         gates (Tensor): ``(N, C)`` the hard 0/1 decisions the block applied;
             in training they carry the straight-through gradient of
             ``relaxed``.
+
+    ``probs`` and ``relaxed`` may be given as ``None`` together with ``tau``:
+    they are then computed from ``logits`` (without noise) when first read,
+    so that inference, which needs only the decisions, does not pay for them.
     """
-    logits: torch.Tensor
-    probs: torch.Tensor
-    relaxed: torch.Tensor
-    gates: torch.Tensor
+
+    __slots__ = ('logits', 'gates', '_probs', '_relaxed', '_tau')
+
+    def __init__(self, logits: torch.Tensor, probs: Optional[torch.Tensor],
+                 relaxed: Optional[torch.Tensor], gates: torch.Tensor,
+                 tau: Optional[float] = None):
+        if (probs is None or relaxed is None) and tau is None:
+            raise ValueError('GateOutput needs tau to compute probs or '
+                             'relaxed that are not given')
+        self.logits = logits
+        self.gates = gates
+        self._probs = probs
+        self._relaxed = relaxed
+        self._tau = tau
+
+    @property
+    def probs(self) -> torch.Tensor:
+        if self._probs is None:
+            self._probs = torch.sigmoid(self.logits)
+        return self._probs
+
+    @property
+    def relaxed(self) -> torch.Tensor:
+        if self._relaxed is None:
+            self._relaxed = torch.sigmoid(self.logits / self._tau)
+        return self._relaxed
+
+    def __repr__(self):
+        return (f'GateOutput(logits={tuple(self.logits.shape)}, '
+                f'open={float(self.gates.float().mean()):.3f})')
 
 
 def parse_gate_cfg(gate_cfg: Optional[dict]) -> dict:
@@ -115,8 +145,8 @@ def check_gated_stages(stages, num_stages: int) -> None:
 
 def logistic_noise(like: torch.Tensor) -> torch.Tensor:
     """Logistic(0, 1) noise ``log(u) - log(1 - u)`` shaped like ``like``."""
-    uniform = torch.rand_like(like).clamp_(1e-6, 1 - 1e-6)
-    return torch.log(uniform) - torch.log1p(-uniform)
+    # logit(u) = log(u) - log(1 - u), with u kept in [1e-6, 1 - 1e-6].
+    return torch.logit(torch.rand_like(like), eps=1e-6)
 
 
 def binary_concrete(logits: torch.Tensor,
@@ -230,22 +260,61 @@ class ChannelGate(BaseModule):
             straight-through Binary Concrete estimator.
         """
         pooled = x.mean(dim=(2, 3))
-        logits = self.fc2(F.relu(self._normalize(self.fc1(pooled))))
-        probs = torch.sigmoid(logits)
-        if self.training:
-            gates, relaxed = binary_concrete(logits, self.tau)
-        else:
-            relaxed = torch.sigmoid(logits / self.tau)
+        if not self.training and not torch.is_grad_enabled():
+            # Inference: the decisions alone; probs and relaxed are computed
+            # only if read (see GateOutput). Traced (by the MAC counters)
+            # with the BN as a layer of its own, as the paper counts it.
+            weight, bias = (None, None) if torch.jit.is_tracing() \
+                else self._folded_fc1()
+            if weight is not None:
+                hidden = torch.addmm(bias, pooled, weight.t())
+            else:
+                hidden = self._normalize(self.fc1(pooled))
+            logits = self.fc2(hidden.relu_())
+            probs = relaxed = None
             gates = (logits > 0).to(logits.dtype)
+        else:
+            logits = self.fc2(F.relu(self._normalize(self.fc1(pooled))))
+            probs = torch.sigmoid(logits)
+            if self.training:
+                gates, relaxed = binary_concrete(logits, self.tau)
+            else:
+                relaxed = torch.sigmoid(logits / self.tau)
+                gates = (logits > 0).to(logits.dtype)
         if self.forced is not None:
             gates = self._forced_gates(logits)
-        self.output = GateOutput(logits, probs, relaxed, gates)
+        self.output = GateOutput(logits, probs, relaxed, gates, self.tau)
         return gates
 
+    def _folded_fc1(self):
+        """fc1 with the eval-mode BN folded in, as ``(weight, bias)``,
+        cached until a parameter or statistic changes; ``(None, None)``
+        for a norm that is not a BN with running statistics."""
+        norm = self.norm
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm) \
+                or norm.running_mean is None:
+            return None, None
+        sources = (self.fc1.weight, norm.running_mean, norm.running_var,
+                   norm.weight, norm.bias)
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype)
+                    for t in sources)
+        cached = self.__dict__.get('_folded')
+        if cached is None or cached[0] != key:
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight
+            bias = -norm.running_mean * scale
+            if norm.bias is not None:
+                bias = bias + norm.bias
+            cached = (key, self.fc1.weight * scale[:, None], bias)
+            self.__dict__['_folded'] = cached
+        return cached[1], cached[2]
+
     def _forced_gates(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.forced is True:
+        # p = 1 and p = 0 need no draw: rand() lies in [0, 1).
+        if self.forced is True or self.forced == 1.0:
             return torch.ones_like(logits)
-        if self.forced is False:
+        if self.forced is False or self.forced == 0.0:
             return torch.zeros_like(logits)
         draw = torch.rand(
             logits.shape, generator=self.force_generator,

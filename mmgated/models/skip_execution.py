@@ -121,10 +121,10 @@ def set_gate_execution(model: nn.Module, execution: str) -> nn.Module:
         block.gate_execution = execution
         block.gate_cfg['execution'] = execution
         if execution == 'mask':
-            convs, norms = _block_layers(block)[:2]
-            for module in convs + norms:
-                module.__dict__.pop('_skip_transposed', None)
-                module.__dict__.pop('_skip_stacked', None)
+            block.__dict__.pop('_skip_plans', None)
+            for module in _block_layers(block)[0]:
+                for name in _CACHES:
+                    module.__dict__.pop(name, None)
     # Keep the backbones' copies of gate_cfg in step, for logs and configs.
     for m in model.modules():
         cfg = getattr(m, 'gate_cfg', None)
@@ -227,13 +227,11 @@ def _transposed_padding(conv: nn.Conv2d) -> Tuple[int, ...]:
         conv.kernel_size, conv.padding, conv.dilation))
 
 
-def _transposable(conv: nn.Conv2d, h: torch.Tensor) -> bool:
-    """Whether ``conv`` runs as a transposed convolution on ``h``: on the
-    CPU (where the strided gather is slow; cuDNN's convolutions are the
-    better tuned ones on a GPU), stride 1, no weight gradient needed (the
-    transposed weight is a cached copy)."""
-    return (h.device.type == 'cpu' and not torch.is_grad_enabled()
-            and all(s == 1 for s in conv.stride)
+def _transposable(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` equals a transposed convolution of its flipped,
+    transposed weight: stride 1 and a padding the transposed convolution
+    can express."""
+    return (all(s == 1 for s in conv.stride)
             and min(_transposed_padding(conv)) >= 0)
 
 
@@ -255,45 +253,66 @@ def _onednn_conv2d(h, weight, bias, conv):
                                     conv.dilation, 1)
 
 
-def _transposed_weight(conv: nn.Conv2d) -> torch.Tensor:
-    """``conv.weight`` as the weight of the equal transposed convolution:
-    ``(in, out, kh, kw)``, kernel flipped.
-
-    Cached on the conv (not in its state dict) until the weight changes:
-    any in-place update (optimizer step, ``load_state_dict``) bumps its
-    version, a move or cast changes its storage. One copy of the weight per
-    such conv; ``set_gate_execution(model, 'mask')`` drops the copies.
-    """
-    weight = conv.weight
-    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
-           tuple(weight.shape))
-    cached = conv.__dict__.get('_skip_transposed')
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            transposed = weight.detach().transpose(0, 1).flip(
-                (2, 3)).contiguous()
-        cached = conv.__dict__['_skip_transposed'] = (key, transposed)
-    return cached[1]
+# Names of the weight copies cached on a convolution (see _cached).
+_CACHES = ('_skip_folded', '_skip_transposed', '_skip_gemm')
 
 
-def _stacked_bn(norm: nn.Module) -> torch.Tensor:
-    """``(4, C)``: running mean and variance, weight and bias of an eval BN
-    (ones and zeros where it has no affine parameters), cached on the norm
-    until one of them changes (see :func:`_transposed_weight`)."""
-    sources = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+def _cached(conv: nn.Conv2d, name: str, sources, build):
+    """``build()`` cached on ``conv`` (not in its state dict) under ``name``
+    until one of the tensors ``sources`` changes: an in-place update
+    (optimizer step, ``load_state_dict``) bumps its version, a move or cast
+    changes its storage. ``set_gate_execution(model, 'mask')`` drops the
+    copies."""
     key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype,
-                                        t.device) for t in sources)
-    cached = norm.__dict__.get('_skip_stacked')
+                                        t.device, tuple(t.shape))
+                for t in sources)
+    cached = conv.__dict__.get(name)
     if cached is None or cached[0] != key:
-        mean, var, weight, bias = sources
         with torch.no_grad():
-            stacked = torch.stack([
-                mean, var,
-                torch.ones_like(mean) if weight is None else weight.detach(),
-                torch.zeros_like(mean) if bias is None else bias.detach()
-            ])
-        cached = norm.__dict__['_skip_stacked'] = (key, stacked)
+            cached = conv.__dict__[name] = (key, build())
     return cached[1]
+
+
+def _fold_bn(conv: nn.Conv2d, norm: nn.Module):
+    """Weight and bias of the one convolution equal to ``norm(conv(x))``
+    for an eval-mode BN."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    bias = -norm.running_mean * scale
+    if norm.bias is not None:
+        bias = bias + norm.bias
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale[:, None, None, None], bias
+
+
+def _folded(conv: nn.Conv2d, norm: nn.Module):
+    """:func:`_fold_bn`, cached while no gradient is needed, so that
+    the BN costs nothing and gathering the open channels of a layer is one
+    gather of the weight and one of the bias."""
+    if torch.is_grad_enabled():
+        return _fold_bn(conv, norm)
+    return _cached(conv, '_skip_folded',
+                   (conv.weight, conv.bias, norm.running_mean,
+                    norm.running_var, norm.weight, norm.bias),
+                   lambda: _fold_bn(conv, norm))
+
+
+def _folded_layout(conv: nn.Conv2d, norm: nn.Module, name: str):
+    """The folded weight in a layout whose rows are the input channels:
+    ``'_skip_transposed'``: ``(in, out, kh, kw)`` flipped, the weight of
+    the equal transposed convolution (stride 1); ``'_skip_gemm'``:
+    ``(in, kh * kw * out)``, rows of the im2col matrix product."""
+    weight = _folded(conv, norm)[0]
+
+    def build():
+        if name == '_skip_transposed':
+            return weight.transpose(0, 1).flip((2, 3)).contiguous()
+        return weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1) \
+            .contiguous()
+
+    return _cached(conv, name, (weight, ), build)
 
 
 def _out_size(conv: nn.Conv2d, size: Sequence[int]) -> Tuple[int, ...]:
@@ -311,10 +330,6 @@ class _Plan:
         self.block = block
         self.convs, self.norms, self.gate_names, self.plugins = \
             _block_layers(block)
-        if any(norm.training for norm in self.norms):
-            # A norm left in training mode would normalise with batch
-            # statistics in mask execution.
-            raise _training_error(block)
         self.last = len(self.convs) - 1
         gated = [j for j, g in enumerate(self.gate_names) if g is not None]
         # Convs that read or write a gated map depend on the gate pattern;
@@ -344,7 +359,10 @@ class _Plan:
     def cost(self, counts: Sequence[int], n: int) -> float:
         """Estimated cost, in MAC equivalents, of one call of the
         pattern-dependent convs on ``n`` samples when gated map
-        ``gated[i]`` has ``counts[i]`` open channels (see ``PLAN_COSTS``)."""
+        ``gated[i]`` has ``counts[i]`` open channels (see ``PLAN_COSTS``).
+
+        A conv restricted to some channels also pays for gathering its
+        weight: one more pass of the gathered weight through memory."""
         costs = PLAN_COSTS.get(self.device_type, PLAN_COSTS['cpu'])
         weight_cost = costs['weight']
         if self.device_type == 'cpu':
@@ -358,81 +376,95 @@ class _Plan:
             h, w = self.sizes[j]
             kh, kw = conv.kernel_size
             weights = c_in * c_out * kh * kw
-            total += weights * (n * h * w + weight_cost) + costs['call']
+            gathered = (c_in, c_out) != (conv.in_channels, conv.out_channels)
+            total += weights * (n * h * w + weight_cost * (1 + gathered)) \
+                + costs['call']
         return total
 
+    def full_counts(self) -> List[int]:
+        """Channel counts of the gated maps with every gate open."""
+        return [self.convs[j].out_channels for j in self.gated]
+
     def dense_layer(self, j, h):
-        """Map ``j`` with all channels, by the block's own modules."""
-        h = self.norms[j](self.convs[j](h))
-        if j < self.last:
-            h = self.block.relu(h)
+        """Map ``j`` with all channels (BN folded), then its plugins."""
+        h = self.sparse_layer(j, h, None, None)
         for name in self.plugins[j]:
             h = getattr(self.block, name)(h)
         return h
 
     def sparse_layer(self, j, h, in_idx, out_idx):
         """Map ``j`` with the channels ``out_idx`` (``None``: all) from an
-        input holding the channels ``in_idx`` of map ``j - 1``."""
-        conv, norm = self.convs[j], self.norms[j]
+        input holding the channels ``in_idx`` of map ``j - 1``, by conv
+        ``j`` with its BN folded in (see :func:`_folded`)."""
+        conv = self.convs[j]
         n = h.shape[0]
         if out_idx is not None and out_idx.numel() == 0:
             # Nothing open: the next layer sees an input without channels.
             return h.new_empty((n, 0) + self.sizes[j])
-        bias = conv.bias
-        if bias is not None and out_idx is not None:
+        weight, bias = _folded(conv, self.norms[j])
+        if out_idx is not None:
             bias = bias.index_select(0, out_idx)
+        fast = h.device.type == 'cpu' and not torch.is_grad_enabled()
         if h.shape[1] == 0:
             # All inputs closed: the convolution of zeros is its bias.
-            c_out = conv.out_channels if out_idx is None else out_idx.numel()
-            y = h.new_zeros((n, c_out) + self.sizes[j])
-            if bias is not None:
-                y = y + bias[:, None, None]
-        elif in_idx is not None and out_idx is None \
-                and _transposable(conv, h):
-            if _small_for_onednn(h, conv) and h.shape[2] * h.shape[3] >= 100:
-                # PyTorch would run the transposed convolution below with
-                # its slow native kernel; the gather is cheap at this size.
-                y = _onednn_conv2d(h, conv.weight.index_select(1, in_idx),
-                                   bias, conv)
-            else:
-                # Reading the open input channels of a weight means
-                # gathering runs of kh*kw values strided by
-                # in_channels*kh*kw, at a few GB/s from memory: several
-                # times the convolution itself in the weight-bound late
-                # stages. The same convolution as a transposed convolution
-                # takes its weight as (in, out, kh, kw), where the open
-                # channels are contiguous blocks.
-                weight = _transposed_weight(conv).index_select(0, in_idx)
-                y = F.conv_transpose2d(h, weight, bias, 1,
-                                       _transposed_padding(conv), 0, 1,
-                                       conv.dilation)
+            y = bias[:, None, None].expand((n, bias.numel()) +
+                                           self.sizes[j]).contiguous()
+        elif fast and in_idx is not None and out_idx is None:
+            y = self._read_open_inputs(j, h, in_idx, bias)
         else:
-            weight = conv.weight
             if out_idx is not None:
                 weight = weight.index_select(0, out_idx)
             if in_idx is not None:
                 weight = weight.index_select(1, in_idx)
-            y = F.conv2d(h, weight, bias, conv.stride, conv.padding,
-                         conv.dilation)
-        if out_idx is None:
-            y = norm(y)
-        elif torch.is_grad_enabled():
-            y = F.batch_norm(
-                y, norm.running_mean.index_select(0, out_idx),
-                norm.running_var.index_select(0, out_idx),
-                None if norm.weight is None else norm.weight.index_select(
-                    0, out_idx),
-                None if norm.bias is None else norm.bias.index_select(
-                    0, out_idx), False, 0.0, norm.eps)
-        else:
-            # One gather for the four BN vectors instead of four.
-            mean, var, weight, bias = _stacked_bn(norm).index_select(
-                1, out_idx)
-            y = F.batch_norm(y, mean, var, weight, bias, False, 0.0,
-                             norm.eps)
+            if _small_for_onednn(h, conv):
+                y = _onednn_conv2d(h, weight, bias, conv)
+            else:
+                y = F.conv2d(h, weight, bias, conv.stride, conv.padding,
+                             conv.dilation)
         if j < self.last:
-            y = self.block.relu(y)
+            y = y.relu_()
         return y
+
+    def _read_open_inputs(self, j, h, in_idx, bias):
+        """Conv ``j`` (folded) on ``h``, the channels ``in_idx`` of its
+        input, on the CPU without gradient.
+
+        Reading the open input channels of a ``(out, in, kh, kw)`` weight
+        is a gather of runs of ``kh*kw`` values strided by
+        ``in*kh*kw``, at a few GB/s from memory: in the weight-bound late
+        stages at batch 1 it costs more than the convolution. So the
+        weight is read from a cached copy whose rows are the input
+        channels, where the open channels are contiguous blocks:
+        """
+        conv, norm = self.convs[j], self.norms[j]
+        if _small_for_onednn(h, conv):
+            if h.shape[2] * h.shape[3] < 100:
+                # ... by im2col and one matrix product (oneDNN's reorder of
+                # any other weight layout is slower than the gather) ...
+                rows = _folded_layout(conv, norm, '_skip_gemm')
+                weight = rows.index_select(0, in_idx).view(
+                    -1, conv.out_channels)
+                cols = F.unfold(h, conv.kernel_size, conv.dilation,
+                                conv.padding, conv.stride)[0]
+                y = torch.addmm(bias, cols.t(), weight)
+                return y.t().reshape((1, conv.out_channels) + self.sizes[j])
+            # ... except for small single samples on larger maps, where
+            # the gather is cheap and PyTorch would run the transposed
+            # convolution below with its slow native kernel ...
+            weight = _folded(conv, norm)[0].index_select(1, in_idx)
+            return _onednn_conv2d(h, weight, bias, conv)
+        if _transposable(conv):
+            # ... or as the equal transposed convolution, whose
+            # (in, out, kh, kw) weight has the input channels as rows.
+            weight = _folded_layout(conv, norm,
+                                    '_skip_transposed').index_select(
+                                        0, in_idx)
+            return F.conv_transpose2d(h, weight, bias, 1,
+                                      _transposed_padding(conv), 0, 1,
+                                      conv.dilation)
+        weight = _folded(conv, norm)[0].index_select(1, in_idx)
+        return F.conv2d(h, weight, bias, conv.stride, conv.padding,
+                        conv.dilation)
 
     def segment(self, h, indices, masks=None):
         """Run the pattern-dependent convs on ``h`` (map ``start - 1``).
@@ -459,6 +491,27 @@ class _Plan:
         return self.sparse_layer(self.end, h, in_idx, None)
 
 
+# Plans kept per block (one per input size); more sizes than this start
+# the cache afresh.
+_MAX_PLANS = 16
+
+
+def _plan_for(block: nn.Module, x: torch.Tensor) -> _Plan:
+    """The block's :class:`_Plan` for inputs shaped like ``x``, cached on
+    the block per input size and set of submodules, so that modules
+    replaced after construction (e.g. by ``revert_sync_batchnorm``) get a
+    new plan."""
+    key = (tuple(map(id, block._modules.values())), tuple(x.shape[1:]),
+           x.device.type)
+    plans = block.__dict__.setdefault('_skip_plans', {})
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plan = plans[key] = _Plan(block, x)
+    return plan
+
+
 def _open_index(row: torch.Tensor) -> Optional[torch.Tensor]:
     """Indices of the open channels of a 0/1 gate row; ``None`` if all."""
     idx = row.nonzero().squeeze(1)
@@ -470,7 +523,17 @@ def _segment_batch(plan: _Plan, h: torch.Tensor,
     """Run the pattern-dependent part for a whole batch (see module doc)."""
     n = h.shape[0]
     if n == 1:
-        return plan.segment(h, [_open_index(g[0]) for g in gates])
+        indices = [_open_index(g[0]) for g in gates]
+        if any(idx is not None for idx in indices):
+            counts = [g.shape[1] if idx is None else idx.numel()
+                      for g, idx in zip(gates, indices)]
+            if plan.cost(counts, 1) >= plan.cost(plan.full_counts(), 1):
+                # Most channels open in a weight-bound layer: the gathers
+                # would cost more than they save; compute all channels and
+                # mask the closed ones, as mask execution does.
+                return plan.segment(h, [None] * len(gates),
+                                    [g.to(h.dtype) for g in gates])
+        return plan.segment(h, indices)
     open_ = [g > 0 for g in gates]
     if all(bool(o.all()) for o in open_):
         return plan.segment(h, [None] * len(gates))
@@ -529,7 +592,11 @@ def skip_residual(block: nn.Module, x: torch.Tensor,
         # analyzer counts as the dense network; the per-sample savings come
         # from the gates, as in mask execution.
         return block._residual(x, *gates)
-    plan = _Plan(block, x)
+    plan = _plan_for(block, x)
+    if any(norm.training for norm in plan.norms):
+        # A norm left in training mode would normalise with batch
+        # statistics in mask execution.
+        raise _training_error(block)
     plan.record_gate_sizes()
     h = x
     for j in range(plan.start):

@@ -47,8 +47,8 @@ class Prior:
 
 
 def _betainc_cf(x, a, b, iterations):
-    """Continued fraction of I_x(a, b) (modified Lentz), fixed iteration
-    count so that no host synchronisation is needed to test convergence."""
+    """Continued fraction of I_x(a, b) (modified Lentz) with a fixed
+    iteration count; ``a`` and ``b`` may be tensors shaped like ``x``."""
     tiny = 1e-300
     qab, qap, qam = a + b, a + 1.0, a - 1.0
     c = torch.ones_like(x)
@@ -69,47 +69,105 @@ def _betainc_cf(x, a, b, iterations):
     return h
 
 
+# Nodes of the cubic fitted on each interval of the CDF table.
+_CUBIC_NODES = (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+def betainc_table(a: float, b: float) -> torch.Tensor:
+    """Piecewise-cubic table of the regularised incomplete beta function.
+
+    ``I_x(a, b) = x^a (1 - x)^b / B(a, b) * g(x)``, where the power factor
+    holds the singularities at 0 and 1 and ``g`` is smooth: ``H_ab(x) / a``
+    left of the switch point ``(a + 1) / (a + b + 2)`` and
+    ``1 / x^a (1 - x)^b B - H_ba(1 - x) / b`` right of it, with ``H`` the
+    continued fraction of I (Numerical Recipes' ``betacf``), which converges
+    fast on either side. The table splits [0, 1] into ``K`` intervals
+    (the switch point moved to the nearest interval end) and holds, per
+    interval, the value of I where the power factor vanishes (0 on the
+    left, 1 on the right) and the coefficients of the cubic in
+    ``t = K x - i`` through four exact values of ``±H / a`` (see
+    :func:`evaluate_betainc_table`). ``K = 1024 + 32 * ceil(a + b)`` keeps
+    the error below 1e-10 against ``scipy.special.betainc`` for ``a, b`` in
+    [0.05, 1000].
+
+    Args:
+        a (float): First shape parameter, > 0.
+        b (float): Second shape parameter, > 0.
+
+    Returns:
+        Tensor: ``(5, K)`` float64: the rows ``base, c0, c1, c2, c3``.
+    """
+    f64 = dict(dtype=torch.float64)
+    intervals = 1024 + 32 * math.ceil(a + b)
+    switch = round((a + 1.0) / (a + b + 2.0) * intervals)
+    # Twice the count that reaches float64 round-off (see BetaPrior).
+    iterations = 2 * (16 + int(1.5 * math.sqrt(max(a, b))))
+    index = torch.arange(intervals, **f64)
+    t = torch.tensor(_CUBIC_NODES, **f64)
+    nodes = (index[:, None] + t) / intervals
+    left = (index < switch)[:, None]
+    p = torch.where(left, torch.tensor(a, **f64), torch.tensor(b, **f64))
+    q = torch.where(left, torch.tensor(b, **f64), torch.tensor(a, **f64))
+    h = _betainc_cf(torch.where(left, nodes, 1.0 - nodes), p.expand_as(nodes),
+                    q.expand_as(nodes), iterations)
+    values = torch.where(left, h / a, -h / b)
+    vandermonde = t[:, None]**torch.arange(4, **f64)
+    coefficients = torch.linalg.solve(vandermonde, values.T).T
+    return torch.cat([(~left).to(torch.float64), coefficients],
+                     dim=1).t().contiguous()
+
+
+def evaluate_betainc_table(x: torch.Tensor, table: torch.Tensor, a: float,
+                           b: float, log_beta: float) -> torch.Tensor:
+    """I_x(a, b) from :func:`betainc_table` for ``x`` in [0, 1], in the
+    dtype of ``table``: about twenty elementwise operations whatever
+    ``a`` and ``b``, instead of a continued fraction per value."""
+    intervals = table.shape[1]
+    u = x * intervals
+    # NaN reads row 0 and stays NaN through t.
+    index = u.floor().nan_to_num_(0.0).clamp_(0, intervals - 1)
+    t = u - index
+    # The table is stored column-wise: five contiguous gathers' worth in one.
+    base, c0, c1, c2, c3 = table.index_select(
+        1, index.flatten().long()).view((5, ) + x.shape).unbind(0)
+    cubic = ((c3 * t + c2) * t + c1) * t + c0
+    # x^a (1 - x)^b / B(a, b); exactly 0 at x = 0 and x = 1.
+    power = torch.exp(torch.log(x) * a + torch.log1p(-x) * b - log_beta)
+    return (base + power * cubic).clamp_(0.0, 1.0)
+
+
 class _BetaCDF(torch.autograd.Function):
     """Regularised incomplete beta function I_x(a, b) with the analytic
     derivative, the Beta pdf, evaluated inside [eps, 1 - eps] so that it is
     finite at 0 and 1 where the pdf is singular for a < 1 or b < 1."""
 
     @staticmethod
-    def forward(ctx, x, a, b, log_beta, iterations, eps):
-        x64 = x.double()
-        # Use the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the continued
-        # fraction of the other side converges faster.
-        flip = x64 > (a + 1.0) / (a + b + 2.0)
-        xs = torch.where(flip, 1.0 - x64, x64)
-        aa = torch.where(flip, torch.full_like(x64, b), torch.full_like(x64, a))
-        bb = torch.where(flip, torch.full_like(x64, a), torch.full_like(x64, b))
-        xs_safe = xs.clamp(min=1e-300)
-        front = torch.exp(aa * torch.log(xs_safe) + bb * torch.log1p(-xs)
-                          - log_beta) / aa
-        cf = _betainc_cf(xs, aa, bb, iterations)
-        value = torch.where(xs <= 0, torch.zeros_like(xs), front * cf)
-        value = torch.where(flip, 1.0 - value, value).clamp(0.0, 1.0)
+    def forward(ctx, x, table, a, b, log_beta, eps):
         ctx.save_for_backward(x)
         ctx.params = (a, b, log_beta, eps)
-        return value.to(x.dtype)
+        return evaluate_betainc_table(x, table, a, b, log_beta)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, = ctx.saved_tensors
         a, b, log_beta, eps = ctx.params
-        xc = x.double().clamp(eps, 1.0 - eps)
-        pdf = torch.exp((a - 1.0) * torch.log(xc) + (b - 1.0) *
-                        torch.log1p(-xc) - log_beta)
-        return (grad_output * pdf).to(x.dtype), None, None, None, None, None
+        xc = x.clamp(eps, 1.0 - eps)
+        pdf = torch.exp(torch.log(xc) * (a - 1.0) +
+                        torch.log1p(-xc) * (b - 1.0) - log_beta)
+        return grad_output * pdf, None, None, None, None, None
 
 
 @PRIORS.register_module('beta')
 class BetaPrior(Prior):
     """Beta(a, b) prior; the paper's gate prior is Beta(0.6, 0.4).
 
-    The CDF is computed in float64 by a continued fraction (matches
-    ``scipy.special.betainc`` to 1e-6) on the input's device. Its derivative
-    is the Beta pdf evaluated on ``[eps, 1 - eps]``: finite at 0 and 1.
+    The CDF comes from a piecewise-cubic table of the smooth part of the
+    incomplete beta function (:func:`betainc_table`), built once in float64
+    by a continued fraction and then evaluated in about twenty elementwise
+    operations on the input's device and dtype (float32, or float64 for
+    float64 input): within 1e-10 of ``scipy.special.betainc`` in float64,
+    within float32 rounding in float32. Its derivative is the Beta pdf
+    evaluated on ``[eps, 1 - eps]``: finite at 0 and 1.
 
     Args:
         a (float): First shape parameter, > 0.
@@ -126,14 +184,25 @@ class BetaPrior(Prior):
         self.eps = _check('eps', eps, lambda v: 0 < v < 0.5, '0 < eps < 0.5')
         self.log_beta = (math.lgamma(self.a) + math.lgamma(self.b) -
                          math.lgamma(self.a + self.b))
-        # The continued fraction converges in O(sqrt(max(a, b))) steps;
-        # this count reaches float64 round-off (< 1e-13 against scipy for
-        # a, b in [0.2, 500]) without testing convergence on the device.
-        self.iterations = 16 + int(1.5 * math.sqrt(max(self.a, self.b)))
+        # Built at the first call, then kept per device and dtype.
+        self._tables = {}
+
+    def table(self, device, dtype) -> torch.Tensor:
+        """The CDF table (see :func:`betainc_table`) on a device/dtype."""
+        key = (torch.device(device), dtype)
+        if key not in self._tables:
+            cpu = self._tables.get((torch.device('cpu'), torch.float64))
+            if cpu is None:
+                cpu = betainc_table(self.a, self.b)
+                self._tables[(torch.device('cpu'), torch.float64)] = cpu
+            self._tables[key] = cpu.to(device=device, dtype=dtype)
+        return self._tables[key]
 
     def cdf(self, x):
-        return _BetaCDF.apply(x, self.a, self.b, self.log_beta,
-                              self.iterations, self.eps)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        table = self.table(x.device, dtype)
+        return _BetaCDF.apply(x.to(dtype), table, self.a, self.b,
+                              self.log_beta, self.eps).to(x.dtype)
 
 
 @PRIORS.register_module('gaussian')
