@@ -419,7 +419,7 @@ def test_unsupported_conv():
         set_gate_execution(model, 'skip')
 
 
-def test_cached_weights_follow_updates():
+def test_cached_weights_follow_updates(monkeypatch):
     """Skip execution keeps BN-folded weights and their transposed and
     im2col layouts; they must follow in-place updates (optimizer steps,
     load_state_dict) and be dropped when switching back to mask
@@ -431,9 +431,11 @@ def test_cached_weights_follow_updates():
     # drops the caches, which would hide a stale one).
     fast = copy.deepcopy(reference)
     set_gate_execution(fast, 'skip')
-    # Batch 1 on small maps reads open inputs through the im2col layout,
-    # a batch of 2 on larger maps through the transposed one.
-    inputs = (torch.randn(1, 3, 32, 32), torch.randn(2, 3, 64, 64))
+    # With every weight read through a cached copy, the small maps of a
+    # 32x32 input read open inputs through the im2col layout, layer1 of a
+    # 128x128 input through the transposed one.
+    monkeypatch.setattr(skip_execution, 'STRIDED_GATHER_MAX', 0)
+    inputs = (torch.randn(1, 3, 32, 32), torch.randn(1, 3, 128, 128))
 
     def compare():
         for x in inputs:

@@ -24,17 +24,21 @@ How a batch runs (see :func:`skip_residual`):
   cheaper than many small convolutions; a cost estimate (``PLAN_COSTS``)
   picks the cheaper plan.
 
-How a convolution runs on the CPU: the filters of the open output channels
-are contiguous rows of the weight, a cheap gather. The open *input* channels
-are not: they are runs of ``kh*kw`` values strided by ``in*kh*kw``, a gather
-slower than the convolution itself in the weight-bound late stages at batch
-1. A convolution with stride 1 that reads a gated map therefore runs as the
-equal transposed convolution, whose ``(in, out, kh, kw)`` weight (a flipped,
-transposed copy, cached on the conv until its weight changes; dropped by
-``set_gate_execution(model, 'mask')``) has the open input channels as
-contiguous rows. Where PyTorch would run a convolution on a small single
-sample with its slow native kernels instead of oneDNN, oneDNN is called
-directly. None of this changes the numbers beyond floating point order.
+How a convolution runs on the CPU: in eval mode each convolution and its BN
+are folded into one convolution with a bias (a copy cached on the conv until
+a weight or statistic changes; ``set_gate_execution(model, 'mask')`` drops
+the copies), so a closed channel costs neither its filter nor its BN. The
+filters of the open output channels are contiguous rows of the weight, a
+cheap gather. The open *input* channels are not: they are runs of ``kh*kw``
+values strided by ``in*kh*kw``, a gather slower than the convolution itself
+for the large weights of the late stages. Up to ``STRIDED_GATHER_MAX``
+weight elements the strided gather is used; a larger weight is read from a
+cached copy whose rows are the input channels: at batch 1 on small maps
+(weight-bound) by im2col and one matrix product, otherwise (stride 1) as
+the equal transposed convolution with an ``(in, out, kh, kw)`` weight. Where
+PyTorch would run a convolution on a small single sample with its slow
+native kernels instead of oneDNN, oneDNN is called directly. None of this
+changes the numbers beyond floating point order.
 
 Skip execution is for inference only: the block must be in eval mode (its BN
 layers use running statistics, which the per-channel indexing relies on).
@@ -253,6 +257,12 @@ def _onednn_conv2d(h, weight, bias, conv):
                                     conv.dilation, 1)
 
 
+# Weights of at most this many elements are gathered along their input
+# channels directly: up to 256x256x3x3 that beat the transposed convolution
+# in ResNet-34 at 50 % density (1 thread: 63.5 against 67.0 ms; 2 threads:
+# on par), whose oneDNN kernel is slower than the plain one.
+STRIDED_GATHER_MAX = 256 * 256 * 9
+
 # Names of the weight copies cached on a convolution (see _cached).
 _CACHES = ('_skip_folded', '_skip_transposed', '_skip_gemm')
 
@@ -427,20 +437,14 @@ class _Plan:
 
     def _read_open_inputs(self, j, h, in_idx, bias):
         """Conv ``j`` (folded) on ``h``, the channels ``in_idx`` of its
-        input, on the CPU without gradient.
-
-        Reading the open input channels of a ``(out, in, kh, kw)`` weight
-        is a gather of runs of ``kh*kw`` values strided by
-        ``in*kh*kw``, at a few GB/s from memory: in the weight-bound late
-        stages at batch 1 it costs more than the convolution. So the
-        weight is read from a cached copy whose rows are the input
-        channels, where the open channels are contiguous blocks:
-        """
+        input, on the CPU without gradient (see the module doc)."""
         conv, norm = self.convs[j], self.norms[j]
-        if _small_for_onednn(h, conv):
-            if h.shape[2] * h.shape[3] < 100:
-                # ... by im2col and one matrix product (oneDNN's reorder of
-                # any other weight layout is slower than the gather) ...
+        small = _small_for_onednn(h, conv)
+        if conv.weight.numel() > STRIDED_GATHER_MAX:
+            if small and h.shape[2] * h.shape[3] < 100:
+                # Weight-bound: im2col and one matrix product with the open
+                # rows of an (in, kh * kw * out) copy (oneDNN's reorder of
+                # any layout but its own is slower than the strided gather).
                 rows = _folded_layout(conv, norm, '_skip_gemm')
                 weight = rows.index_select(0, in_idx).view(
                     -1, conv.out_channels)
@@ -448,21 +452,20 @@ class _Plan:
                                 conv.padding, conv.stride)[0]
                 y = torch.addmm(bias, cols.t(), weight)
                 return y.t().reshape((1, conv.out_channels) + self.sizes[j])
-            # ... except for small single samples on larger maps, where
-            # the gather is cheap and PyTorch would run the transposed
-            # convolution below with its slow native kernel ...
-            weight = _folded(conv, norm)[0].index_select(1, in_idx)
-            return _onednn_conv2d(h, weight, bias, conv)
-        if _transposable(conv):
-            # ... or as the equal transposed convolution, whose
-            # (in, out, kh, kw) weight has the input channels as rows.
-            weight = _folded_layout(conv, norm,
-                                    '_skip_transposed').index_select(
-                                        0, in_idx)
-            return F.conv_transpose2d(h, weight, bias, 1,
-                                      _transposed_padding(conv), 0, 1,
-                                      conv.dilation)
+            if not small and _transposable(conv):
+                # The equal transposed convolution, whose (in, out, kh, kw)
+                # weight has the input channels as rows. (A small single
+                # sample would run it on PyTorch's slow native kernel; its
+                # gather is cheap at that size.)
+                weight = _folded_layout(conv, norm,
+                                        '_skip_transposed').index_select(
+                                            0, in_idx)
+                return F.conv_transpose2d(h, weight, bias, 1,
+                                          _transposed_padding(conv), 0, 1,
+                                          conv.dilation)
         weight = _folded(conv, norm)[0].index_select(1, in_idx)
+        if small:
+            return _onednn_conv2d(h, weight, bias, conv)
         return F.conv2d(h, weight, bias, conv.stride, conv.padding,
                         conv.dilation)
 
