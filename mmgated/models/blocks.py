@@ -114,35 +114,36 @@ class _GatedBlockMixin:
                 for i, conv in enumerate(convs)]
 
     def _gates(self, x):
-        return [getattr(self, name)(x) if hasattr(self, name) else None
+        modules = self._modules
+        return [modules[name](x) if name in modules else None
                 for name in self.gate_names]
+
+    def _inner_forward(self, x, *gates):
+        """Residual branch plus shortcut, before the final activation."""
+        identity = x if self.downsample is None else self.downsample(x)
+        if self.gate_execution == 'skip':
+            out = skip_residual(self, x, *gates)
+        else:
+            out = self._residual(x, *gates)
+        drop_path = self._modules.get('drop_path')  # mmpretrain only
+        if drop_path is not None:
+            out = drop_path(out)
+        # In place, as upstream: no backward needs the branch output.
+        out += identity
+        return out
 
     def forward(self, x):
         """Forward with gates computed from the block input ``x``."""
+        if self.gate_execution == 'skip':
+            check_skip_mode(self)
         # The gates are computed outside the checkpointed function so that
         # their outputs keep a graph for the gate losses under with_cp.
-        skip = self.gate_execution == 'skip'
-        if skip:
-            check_skip_mode(self)
         gates = self._gates(x)
-
-        def _inner_forward(x, *gates):
-            identity = x if self.downsample is None else self.downsample(x)
-            if skip:
-                out = skip_residual(self, x, *gates)
-            else:
-                out = self._residual(x, *gates)
-            drop_path = getattr(self, 'drop_path', None)  # mmpretrain only
-            if drop_path is not None:
-                out = drop_path(out)
-            # In place, as upstream: no backward needs the branch output.
-            out += identity
-            return out
-
         if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(_inner_forward, x, *gates, use_reentrant=False)
+            out = cp.checkpoint(self._inner_forward, x, *gates,
+                                use_reentrant=False)
         else:
-            out = _inner_forward(x, *gates)
+            out = self._inner_forward(x, *gates)
         return self.relu(out)
 
 

@@ -267,10 +267,11 @@ class ChannelGate(BaseModule):
             weight, bias = (None, None) if torch.jit.is_tracing() \
                 else self._folded_fc1()
             if weight is not None:
-                hidden = torch.addmm(bias, pooled, weight.t())
+                hidden = torch.addmm(bias, pooled, weight)
             else:
                 hidden = self._normalize(self.fc1(pooled))
-            logits = self.fc2(hidden.relu_())
+            fc2 = self._modules['fc2']
+            logits = torch.addmm(fc2.bias, hidden.relu_(), fc2.weight.t())
             probs = relaxed = None
             gates = (logits > 0).to(logits.dtype)
         else:
@@ -283,13 +284,17 @@ class ChannelGate(BaseModule):
                 gates = (logits > 0).to(logits.dtype)
         if self.forced is not None:
             gates = self._forced_gates(logits)
-        self.output = GateOutput(logits, probs, relaxed, gates, self.tau)
+        # Bypasses nn.Module.__setattr__, which only files tensors and
+        # modules; `output` is neither.
+        self.__dict__['output'] = GateOutput(logits, probs, relaxed, gates,
+                                             self.tau)
         return gates
 
     def _folded_fc1(self):
-        """fc1 with the eval-mode BN folded in, as ``(weight, bias)``,
-        cached until a parameter or statistic changes; ``(None, None)``
-        for a norm that is not a BN with running statistics."""
+        """fc1 with the eval-mode BN folded in, as ``(weight, bias)`` with
+        the weight transposed to ``(in, hidden)``, cached until a parameter
+        or statistic changes; ``(None, None)`` for a norm that is not a BN
+        with running statistics."""
         norm = self.norm
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm) \
                 or norm.running_mean is None:
@@ -306,7 +311,8 @@ class ChannelGate(BaseModule):
             bias = -norm.running_mean * scale
             if norm.bias is not None:
                 bias = bias + norm.bias
-            cached = (key, self.fc1.weight * scale[:, None], bias)
+            # Stored as (in, hidden), the operand order of addmm.
+            cached = (key, (self.fc1.weight * scale[:, None]).t(), bias)
             self.__dict__['_folded'] = cached
         return cached[1], cached[2]
 

@@ -273,9 +273,8 @@ def _cached(conv: nn.Conv2d, name: str, sources, build):
     (optimizer step, ``load_state_dict``) bumps its version, a move or cast
     changes its storage. ``set_gate_execution(model, 'mask')`` drops the
     copies."""
-    key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype,
-                                        t.device, tuple(t.shape))
-                for t in sources)
+    key = [None if t is None else (t.data_ptr(), t._version, t.dtype,
+                                   t.device, t.shape) for t in sources]
     cached = conv.__dict__.get(name)
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -357,11 +356,12 @@ class _Plan:
     def record_gate_sizes(self):
         """Set ``map_size`` and ``controlled_macs`` of the gates as the mask
         execution does, for the MAC accounting and the L0 loss."""
-        from .blocks import channel_macs
+        modules = self.block._modules
         for j in self.gated:
-            module = getattr(self.block, self.gate_names[j])
+            module = modules[self.gate_names[j]]
             if module.map_size != self.sizes[j] \
                     or module.controlled_macs is None:
+                from .blocks import channel_macs
                 module.map_size = self.sizes[j]
                 module.controlled_macs = channel_macs(
                     self.convs[j], self.convs[j + 1], *self.sizes[j])
@@ -589,7 +589,7 @@ def skip_residual(block: nn.Module, x: torch.Tensor,
     Returns:
         Tensor: The residual branch (before the shortcut is added).
     """
-    if all(g is None for g in gates) or torch.jit.is_tracing():
+    if gates.count(None) == len(gates) or torch.jit.is_tracing():
         # Under tracing (mmengine's FlopAnalyzer, as in count_macs and
         # GateMetric) the graph must be the dense one whose MACs the
         # analyzer counts as the dense network; the per-sample savings come
