@@ -259,19 +259,25 @@ class ChannelGate(BaseModule):
             the dtype of the logits; in training differentiable through the
             straight-through Binary Concrete estimator.
         """
+        if not self.training and not torch.is_grad_enabled() \
+                and not torch.jit.is_tracing():
+            # Inference: the decisions alone, with the BN folded into fc1
+            # and the average pooling's 1/(H*W) into the product; probs and
+            # relaxed are computed only if read (see GateOutput). (Traced,
+            # for the MAC counters, the BN stays a layer of its own, as the
+            # paper counts it.)
+            folded = self._folded_inference()
+            if folded is not None:
+                fc1_weight, fc1_bias, fc2_weight = folded
+                hidden = torch.addmm(fc1_bias, x.sum(dim=(2, 3)), fc1_weight,
+                                     alpha=1.0 / (x.shape[2] * x.shape[3]))
+                logits = torch.addmm(self._modules['fc2'].bias,
+                                     hidden.relu_(), fc2_weight)
+                gates = (logits > 0).to(logits.dtype)
+                return self._record(logits, None, None, gates)
         pooled = x.mean(dim=(2, 3))
         if not self.training and not torch.is_grad_enabled():
-            # Inference: the decisions alone; probs and relaxed are computed
-            # only if read (see GateOutput). Traced (by the MAC counters)
-            # with the BN as a layer of its own, as the paper counts it.
-            weight, bias = (None, None) if torch.jit.is_tracing() \
-                else self._folded_fc1()
-            if weight is not None:
-                hidden = torch.addmm(bias, pooled, weight)
-            else:
-                hidden = self._normalize(self.fc1(pooled))
-            fc2 = self._modules['fc2']
-            logits = torch.addmm(fc2.bias, hidden.relu_(), fc2.weight.t())
+            logits = self.fc2(F.relu(self._normalize(self.fc1(pooled))))
             probs = relaxed = None
             gates = (logits > 0).to(logits.dtype)
         else:
@@ -282,6 +288,11 @@ class ChannelGate(BaseModule):
             else:
                 relaxed = torch.sigmoid(logits / self.tau)
                 gates = (logits > 0).to(logits.dtype)
+        return self._record(logits, probs, relaxed, gates)
+
+    def _record(self, logits, probs, relaxed, gates):
+        """Apply any forcing, store the batch's :class:`GateOutput` and
+        return the gates."""
         if self.forced is not None:
             gates = self._forced_gates(logits)
         # Bypasses nn.Module.__setattr__, which only files tensors and
@@ -290,17 +301,17 @@ class ChannelGate(BaseModule):
                                              self.tau)
         return gates
 
-    def _folded_fc1(self):
-        """fc1 with the eval-mode BN folded in, as ``(weight, bias)`` with
-        the weight transposed to ``(in, hidden)``, cached until a parameter
-        or statistic changes; ``(None, None)`` for a norm that is not a BN
-        with running statistics."""
+    def _folded_inference(self):
+        """``(fc1 weight, fc1 bias, fc2 weight)`` for inference: fc1 with
+        the eval-mode BN folded in, the weights transposed to the operand
+        order of ``addmm``; cached until a parameter or statistic changes.
+        ``None`` for a norm that is not a BN with running statistics."""
         norm = self.norm
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm) \
                 or norm.running_mean is None:
-            return None, None
-        sources = (self.fc1.weight, norm.running_mean, norm.running_var,
-                   norm.weight, norm.bias)
+            return None
+        sources = (self.fc1.weight, self.fc2.weight, norm.running_mean,
+                   norm.running_var, norm.weight, norm.bias)
         key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype)
                     for t in sources)
         cached = self.__dict__.get('_folded')
@@ -311,10 +322,10 @@ class ChannelGate(BaseModule):
             bias = -norm.running_mean * scale
             if norm.bias is not None:
                 bias = bias + norm.bias
-            # Stored as (in, hidden), the operand order of addmm.
-            cached = (key, (self.fc1.weight * scale[:, None]).t(), bias)
+            cached = (key, ((self.fc1.weight * scale[:, None]).t(), bias,
+                            self.fc2.weight.t()))
             self.__dict__['_folded'] = cached
-        return cached[1], cached[2]
+        return cached[1]
 
     def _forced_gates(self, logits: torch.Tensor) -> torch.Tensor:
         # p = 1 and p = 0 need no draw: rand() lies in [0, 1).
