@@ -275,7 +275,13 @@ class ChannelGate(BaseModule):
                                      hidden.relu_(), fc2_weight)
                 gates = (logits > 0).to(logits.dtype)
                 return self._record(logits, None, None, gates)
-        pooled = x.mean(dim=(2, 3))
+        if torch.jit.is_tracing():
+            # The MAC counters count the pooling as an aten::mean.
+            pooled = x.mean(dim=(2, 3))
+        else:
+            # sum * 1/(H*W) rather than mean: the backward of sum broadcasts
+            # the gradient as a view, where mean's writes a full-size tensor.
+            pooled = x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
         if not self.training and not torch.is_grad_enabled():
             logits = self.fc2(F.relu(self._normalize(self.fc1(pooled))))
             probs = relaxed = None

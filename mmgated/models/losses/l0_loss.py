@@ -78,10 +78,21 @@ class GateL0Loss(nn.Module):
             weights = [float(m) for m in macs]
         else:
             weights = [1.0] * len(probs)
-        num_gates = sum(p.shape[1] for p in probs)
-        mean_weight = sum(w * p.shape[1]
-                          for w, p in zip(weights, probs)) / num_gates
-        total = sum((w / mean_weight) * p.float().sum(dim=1)
-                    for w, p in zip(weights, probs))
+        counts = [p.shape[1] for p in probs]
+        num_gates = sum(counts)
+        mean_weight = sum(w * c for w, c in zip(weights, counts)) / num_gates
+        # One (N, K) product over all gates instead of a few operations per
+        # layer: the loss runs every training step.
+        stacked = torch.cat(probs, dim=1)
+        stacked = stacked.to(torch.promote_types(stacked.dtype,
+                                                 torch.float32))
+        if all(w == weights[0] for w in weights):
+            total = stacked.sum(dim=1)
+        else:
+            per_gate = torch.repeat_interleave(
+                torch.tensor([w / mean_weight for w in weights],
+                             dtype=stacked.dtype),
+                torch.tensor(counts)).to(stacked.device)
+            total = stacked @ per_gate
         per_sample = total if self.reduction == 'sum' else total / num_gates
         return self.loss_weight * per_sample.mean()

@@ -131,8 +131,10 @@ def evaluate_betainc_table(x: torch.Tensor, table: torch.Tensor, a: float,
     base, c0, c1, c2, c3 = table.index_select(
         1, index.flatten().long()).view((5, ) + x.shape).unbind(0)
     cubic = ((c3 * t + c2) * t + c1) * t + c0
-    # x^a (1 - x)^b / B(a, b); exactly 0 at x = 0 and x = 1.
-    power = torch.exp(torch.log(x) * a + torch.log1p(-x) * b - log_beta)
+    # x^a (1 - x)^b / B(a, b); exactly 0 at x = 0 and x = 1. (log(1 - x)
+    # rather than log1p(-x), four times slower on the CPU: the absolute
+    # error of log(1 - x) is all the product needs.)
+    power = torch.exp(torch.log(x) * a + torch.log(1.0 - x) * b - log_beta)
     return (base + power * cubic).clamp_(0.0, 1.0)
 
 
@@ -153,7 +155,7 @@ class _BetaCDF(torch.autograd.Function):
         a, b, log_beta, eps = ctx.params
         xc = x.clamp(eps, 1.0 - eps)
         pdf = torch.exp(torch.log(xc) * (a - 1.0) +
-                        torch.log1p(-xc) * (b - 1.0) - log_beta)
+                        torch.log(1.0 - xc) * (b - 1.0) - log_beta)
         return grad_output * pdf, None, None, None, None, None
 
 
