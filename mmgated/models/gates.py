@@ -259,13 +259,11 @@ class ChannelGate(BaseModule):
             the dtype of the logits; in training differentiable through the
             straight-through Binary Concrete estimator.
         """
-        if not self.training and not torch.is_grad_enabled() \
-                and not torch.jit.is_tracing():
-            # Inference: the decisions alone, with the BN folded into fc1
-            # and the average pooling's 1/(H*W) into the product; probs and
-            # relaxed are computed only if read (see GateOutput). (Traced,
-            # for the MAC counters, the BN stays a layer of its own, as the
-            # paper counts it.)
+        tracing = torch.jit.is_tracing()
+        if not (self.training or torch.is_grad_enabled() or tracing):
+            # Inference: BN folded into fc1 and the pooling's 1/(H*W) into
+            # the product. (Traced, for the MAC counters, the gate runs as
+            # the layers the paper counts.)
             folded = self._folded_inference()
             if folded is not None:
                 fc1_weight, fc1_bias, fc2_weight = folded
@@ -273,28 +271,24 @@ class ChannelGate(BaseModule):
                                      alpha=1.0 / (x.shape[2] * x.shape[3]))
                 logits = torch.addmm(self._modules['fc2'].bias,
                                      hidden.relu_(), fc2_weight)
-                gates = (logits > 0).to(logits.dtype)
-                return self._record(logits, None, None, gates)
-        if torch.jit.is_tracing():
+                return self._record(logits, None, None,
+                                    (logits > 0).to(logits.dtype))
+        if tracing:
             # The MAC counters count the pooling as an aten::mean.
             pooled = x.mean(dim=(2, 3))
         else:
             # sum * 1/(H*W) rather than mean: the backward of sum broadcasts
             # the gradient as a view, where mean's writes a full-size tensor.
             pooled = x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
-        if not self.training and not torch.is_grad_enabled():
-            logits = self.fc2(F.relu(self._normalize(self.fc1(pooled))))
-            probs = relaxed = None
-            gates = (logits > 0).to(logits.dtype)
-        else:
-            logits = self.fc2(F.relu(self._normalize(self.fc1(pooled))))
-            probs = torch.sigmoid(logits)
-            if self.training:
-                gates, relaxed = binary_concrete(logits, self.tau)
-            else:
-                relaxed = torch.sigmoid(logits / self.tau)
-                gates = (logits > 0).to(logits.dtype)
-        return self._record(logits, probs, relaxed, gates)
+        logits = self.fc2(F.relu(self._normalize(self.fc1(pooled))))
+        if self.training:
+            gates, relaxed = binary_concrete(logits, self.tau)
+            return self._record(logits, torch.sigmoid(logits), relaxed,
+                                gates)
+        # Eval: no noise; probs and relaxed are computed from the logits
+        # only if read (see GateOutput), as inference needs the decisions
+        # alone.
+        return self._record(logits, None, None, (logits > 0).to(logits.dtype))
 
     def _record(self, logits, probs, relaxed, gates):
         """Apply any forcing, store the batch's :class:`GateOutput` and

@@ -589,7 +589,7 @@ def skip_residual(block: nn.Module, x: torch.Tensor,
     Returns:
         Tensor: The residual branch (before the shortcut is added).
     """
-    if gates.count(None) == len(gates) or torch.jit.is_tracing():
+    if all(g is None for g in gates) or torch.jit.is_tracing():
         # Under tracing (mmengine's FlopAnalyzer, as in count_macs and
         # GateMetric) the graph must be the dense one whose MACs the
         # analyzer counts as the dense network; the per-sample savings come
