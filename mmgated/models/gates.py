@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, is_model_wrapper
 
+from .folding import bn_scale_shift, cached_on
+
 GATE_CFG_DEFAULTS = dict(
     hidden_channels=16,
     tau=2 / 3,
@@ -310,22 +312,15 @@ class ChannelGate(BaseModule):
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm) \
                 or norm.running_mean is None:
             return None
-        sources = (self.fc1.weight, self.fc2.weight, norm.running_mean,
-                   norm.running_var, norm.weight, norm.bias)
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype)
-                    for t in sources)
-        cached = self.__dict__.get('_folded')
-        if cached is None or cached[0] != key:
-            scale = torch.rsqrt(norm.running_var + norm.eps)
-            if norm.weight is not None:
-                scale = scale * norm.weight
-            bias = -norm.running_mean * scale
-            if norm.bias is not None:
-                bias = bias + norm.bias
-            cached = (key, ((self.fc1.weight * scale[:, None]).t(), bias,
-                            self.fc2.weight.t()))
-            self.__dict__['_folded'] = cached
-        return cached[1]
+
+        def build():
+            scale, shift = bn_scale_shift(norm)
+            return ((self.fc1.weight * scale[:, None]).t(), shift,
+                    self.fc2.weight.t())
+
+        return cached_on(self, '_folded',
+                         (self.fc1.weight, self.fc2.weight, norm.running_mean,
+                          norm.running_var, norm.weight, norm.bias), build)
 
     def _forced_gates(self, logits: torch.Tensor) -> torch.Tensor:
         # p = 1 and p = 0 need no draw: rand() lies in [0, 1).

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .folding import bn_scale_shift, cached_on
 from .gates import GATE_EXECUTIONS
 
 try:  # mmcv's Conv2d only adds empty-tensor support to nn.Conv2d
@@ -263,34 +264,14 @@ def _onednn_conv2d(h, weight, bias, conv):
 # on par), whose oneDNN kernel is slower than the plain one.
 STRIDED_GATHER_MAX = 256 * 256 * 9
 
-# Names of the weight copies cached on a convolution (see _cached).
+# Names of the weight copies cached on a convolution (see cached_on).
 _CACHES = ('_skip_folded', '_skip_transposed', '_skip_gemm')
-
-
-def _cached(conv: nn.Conv2d, name: str, sources, build):
-    """``build()`` cached on ``conv`` (not in its state dict) under ``name``
-    until one of the tensors ``sources`` changes: an in-place update
-    (optimizer step, ``load_state_dict``) bumps its version, a move or cast
-    changes its storage. ``set_gate_execution(model, 'mask')`` drops the
-    copies."""
-    key = [None if t is None else (t.data_ptr(), t._version, t.dtype,
-                                   t.device, t.shape) for t in sources]
-    cached = conv.__dict__.get(name)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = conv.__dict__[name] = (key, build())
-    return cached[1]
 
 
 def _fold_bn(conv: nn.Conv2d, norm: nn.Module):
     """Weight and bias of the one convolution equal to ``norm(conv(x))``
     for an eval-mode BN."""
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    bias = -norm.running_mean * scale
-    if norm.bias is not None:
-        bias = bias + norm.bias
+    scale, bias = bn_scale_shift(norm)
     if conv.bias is not None:
         bias = bias + conv.bias * scale
     return conv.weight * scale[:, None, None, None], bias
@@ -302,7 +283,7 @@ def _folded(conv: nn.Conv2d, norm: nn.Module):
     gather of the weight and one of the bias."""
     if torch.is_grad_enabled():
         return _fold_bn(conv, norm)
-    return _cached(conv, '_skip_folded',
+    return cached_on(conv, '_skip_folded',
                    (conv.weight, conv.bias, norm.running_mean,
                     norm.running_var, norm.weight, norm.bias),
                    lambda: _fold_bn(conv, norm))
@@ -321,7 +302,7 @@ def _folded_layout(conv: nn.Conv2d, norm: nn.Module, name: str):
         return weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1) \
             .contiguous()
 
-    return _cached(conv, name, (weight, ), build)
+    return cached_on(conv, name, (weight, ), build)
 
 
 def _out_size(conv: nn.Conv2d, size: Sequence[int]) -> Tuple[int, ...]:

@@ -1,0 +1,30 @@
+"""Inference-time folding of eval-mode BN layers, and the cache that keeps
+the folded copies in step with the weights they come from."""
+import torch
+import torch.nn as nn
+
+
+def bn_scale_shift(norm: nn.Module):
+    """``(scale, shift)`` with ``norm(x) == x * scale + shift`` per channel,
+    for a BN layer in eval mode (running statistics)."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
+def cached_on(module: nn.Module, name: str, sources, build):
+    """``build()`` cached on ``module`` (not in its state dict) under
+    ``name`` until one of the tensors ``sources`` changes: an in-place
+    update (optimizer step, ``load_state_dict``) bumps its version, a move
+    or cast changes its storage. Built without gradient."""
+    key = [None if t is None else (t.data_ptr(), t._version, t.dtype,
+                                   t.device, t.shape) for t in sources]
+    cached = module.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = module.__dict__[name] = (key, build())
+    return cached[1]
