@@ -365,18 +365,25 @@ def test_gates_unchanged_by_skip():
     set_gate_execution(model, 'mask')
 
 
+def _in_both_executions(model, value, seed, run):
+    """``run()`` in mask and in skip execution with the same forced gates;
+    the model is left in mask execution."""
+    results = {}
+    for execution in ('mask', 'skip'):
+        set_gate_execution(model, execution)
+        with force_gates(model, value, seed=seed):
+            results[execution] = run()
+    set_gate_execution(model, 'mask')
+    return results
+
+
 def test_count_macs_in_skip_mode():
     """The MAC accounting (which traces the model) is the same in both
     executions: tracing sees the dense graph."""
     from mmgated.analysis import count_macs
     model, size = _backbone('bottleneck-after_conv2')
     x = torch.randn(2, 3, size, size)
-    results = {}
-    for execution in ('mask', 'skip'):
-        set_gate_execution(model, execution)
-        with force_gates(model, 0.4, seed=7):
-            results[execution] = count_macs(model, x)
-    set_gate_execution(model, 'mask')
+    results = _in_both_executions(model, 0.4, 7, lambda: count_macs(model, x))
     assert results['mask']['dense'] == results['skip']['dense']
     torch.testing.assert_close(results['mask']['per_sample'],
                                results['skip']['per_sample'])
@@ -474,14 +481,13 @@ def test_traced_skip_block_is_dense():
     from mmengine.analysis import FlopAnalyzer
     model, size = _backbone('basic')
     x = torch.randn(1, 3, size, size)
-    totals = {}
-    for execution in ('mask', 'skip'):
-        set_gate_execution(model, execution)
-        with force_gates(model, 0.3, seed=0):
-            analyzer = FlopAnalyzer(model, (x, ))
-            analyzer.unsupported_ops_warnings(False)
-            analyzer.uncalled_modules_warnings(False)
-            analyzer.tracer_warnings('none')
-            totals[execution] = analyzer.total()
-    set_gate_execution(model, 'mask')
+
+    def total():
+        analyzer = FlopAnalyzer(model, (x, ))
+        analyzer.unsupported_ops_warnings(False)
+        analyzer.uncalled_modules_warnings(False)
+        analyzer.tracer_warnings('none')
+        return analyzer.total()
+
+    totals = _in_both_executions(model, 0.3, 0, total)
     assert totals['skip'] == totals['mask']
