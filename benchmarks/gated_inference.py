@@ -65,6 +65,10 @@ MODELS = OrderedDict(
 )
 
 
+# How forced gates are drawn (see --pattern).
+PATTERNS = ('independent', 'exact')
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Latency of dense, mask and skip execution')
@@ -91,6 +95,17 @@ def parse_args(argv=None):
         '--devices', nargs='+', default=None,
         help="devices, e.g. 'cpu' 'cuda' (default: cpu, and cuda when "
         'available)')
+    parser.add_argument(
+        '--pattern', choices=PATTERNS, default='independent',
+        help="how forced gates are drawn: 'independent' (default): each "
+        'gate open with the density as probability (force_gates with a '
+        "float); 'exact': exactly round(density * C) of the C gates of every "
+        'gating module open in every sample, chosen at random')
+    parser.add_argument(
+        '--given-gates', action='store_true',
+        help='also time skip execution with each gating module replaced by '
+        'the gates it would output (the same pattern, precomputed): skip '
+        'execution without the cost of the gating modules')
     parser.add_argument(
         '--gate-position', default='after_conv2',
         choices=['after_conv1', 'after_conv2', 'both'],
@@ -208,9 +223,10 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def theoretical_macs(gated, x, value, seed):
+def theoretical_macs(gated, control, x, value, seed):
     """Mean conditional and dense MACs per sample with the gates forced
-    (``value`` a density, the timed pattern) or learned (``None``).
+    (``value`` a density, the timed pattern, drawn as ``control`` draws it)
+    or learned (``None``).
 
     The computation of :func:`mmgated.analysis.count_macs` (its
     ``per_sample`` mean and ``dense``), split so that the conditional count
@@ -222,7 +238,7 @@ def theoretical_macs(gated, x, value, seed):
     with torch.no_grad():
         counted = dense_macs(gated, x)
         clear_gates(gated)
-        _gated_call(gated, x, value, seed)()
+        control.call(x, value, seed)()
         per_sample = counted['total'] - gated_savings(gated)
     dense = counted.get('dense', counted['total'] - counted['gating'])
     return float(per_sample.mean()), float(dense)
@@ -257,26 +273,81 @@ def time_networks(networks, device, repeats, warmup, seed, clock='wall'):
     return result
 
 
-def _gated_call(model, x, value, seed):
-    """Forward of ``model`` with its gates forced to ``value`` (a density,
-    seeded, the same pattern on every call) or learned (``None``).
+def exact_gates(shape, density, generator):
+    """0/1 gates of ``shape`` ``(N, C)`` with exactly ``round(density * C)``
+    ones in every row, at places drawn from ``generator``."""
+    n, c = shape
+    if density in (0.0, 1.0):
+        # No draw, as force_gates with 0 or 1.
+        return torch.full(shape, float(density))
+    order = torch.rand(shape, generator=generator).argsort(dim=1)
+    gates = torch.zeros(shape)
+    return gates.scatter_(1, order[:, :round(density * c)], 1.0)
 
-    The forcing is set on the gate modules directly: ``force_gates`` walks
+
+class GateControl:
+    """Decides, before each timed call, how the gates of a model are set:
+    learned, forced at random (independently per gate, or exact counts per
+    gating module, see ``--pattern``), or given (the gating modules
+    replaced by precomputed gates, see ``--given-gates``).
+
+    Everything is set on the gate modules directly: ``force_gates`` walks
     the whole model, whose Python cost would be timed with the forward.
     """
-    from mmgated.models import gate_modules
-    gates = list(gate_modules(model).values())
 
-    def run():
-        generator = None
-        if value is not None:
-            generator = torch.Generator().manual_seed(seed)
-        for gate in gates:
-            gate.forced = value
-            gate.force_generator = generator
-        return model(x)
+    def __init__(self, model, pattern='independent'):
+        from mmgated.models import gate_modules
+        self.model = model
+        self.gates = list(gate_modules(model).values())
+        self.pattern = pattern
+        self.density = None
+        self.generator = None
+        if pattern == 'exact':
+            for gate in self.gates:
+                gate.register_forward_hook(self._exact_hook)
 
-    return run
+    def _exact_hook(self, module, inputs, gates):
+        # Not while the MAC counters trace the dense graph.
+        if self.density is None or torch.jit.is_tracing():
+            return None
+        exact = exact_gates(tuple(gates.shape), self.density,
+                            self.generator).to(gates)
+        module.output.gates = exact
+        return exact
+
+    def call(self, x, value, seed, given=None):
+        """A callable running the model on ``x`` with the gates forced to
+        the density ``value`` (seeded: the same pattern on every call),
+        learned (``value=None``), or ``given`` (gate module -> gates)."""
+        model, gates = self.model, self.gates
+        force = value if self.pattern == 'independent' and not given \
+            else None
+
+        def run():
+            generator = None
+            if value is not None:
+                generator = torch.Generator().manual_seed(seed)
+            self.density = None if given or force is not None else value
+            self.generator = generator
+            for gate in gates:
+                gate.forced = force
+                gate.force_generator = generator
+                if given:
+                    # An instance attribute is found before the class's
+                    # forward: the module returns its given gates.
+                    gate.__dict__['forward'] = given[gate]
+                else:
+                    gate.__dict__.pop('forward', None)
+            return model(x)
+
+        return run
+
+    def record(self, x, value, seed):
+        """The gates of a forced call, as ``given`` for :meth:`call`."""
+        with torch.no_grad():
+            self.call(x, value, seed)()
+        return {gate: (lambda _, g=gate.output.gates: g)
+                for gate in self.gates}
 
 
 def benchmark(name, device, batch_size, args):
@@ -296,18 +367,30 @@ def benchmark(name, device, batch_size, args):
                 for i, d in enumerate(args.densities)]
     if args.checkpoint:
         settings.append(('learned', None, None))
+    mask_control = GateControl(gated, args.pattern)
+    skip_control = GateControl(skip, args.pattern)
     networks = OrderedDict(dense=lambda: dense(x))
     for label, value, seed in settings:
-        networks[f'mask {label}'] = _gated_call(gated, x, value, seed)
-        networks[f'skip {label}'] = _gated_call(skip, x, value, seed)
+        networks[f'mask {label}'] = mask_control.call(x, value, seed)
+        networks[f'skip {label}'] = skip_control.call(x, value, seed)
+        if args.given_gates:
+            networks[f'given {label}'] = skip_control.call(
+                x, None, None, given=skip_control.record(x, value, seed))
     times = time_networks(networks, device, args.repeats, args.warmup,
                           args.seed, args.clock)
     rows = []
     for label, value, seed in settings:
-        macs, dense_macs = theoretical_macs(gated, x, value, seed)
+        macs, dense_macs = theoretical_macs(gated, mask_control, x, value,
+                                            seed)
         dense_ms = times['dense']['median']
         skip_ms = times[f'skip {label}']['median']
         mask_ms = times[f'mask {label}']['median']
+        given = {}
+        if args.given_gates:
+            given_ms = times[f'given {label}']['median']
+            given = dict(
+                given_ms=given_ms,
+                given_realized=(dense_ms / given_ms) / (dense_macs / macs))
         rows.append(
             OrderedDict(
                 model=name,
@@ -325,6 +408,8 @@ def benchmark(name, device, batch_size, args):
                 realized=(dense_ms / skip_ms) / (dense_macs / macs),
                 skip_vs_dense=skip_ms / dense_ms,
                 mask_vs_dense=mask_ms / dense_ms,
+                pattern=args.pattern if value is not None else None,
+                **given,
                 times=times_for(times, label)))
     return rows
 
@@ -335,19 +420,27 @@ def times_for(times, label):
 
 
 def markdown(rows):
+    given = any('given_ms' in r for r in rows)
+    extra = ' skip, given gates ms | realized, given gates |' if given \
+        else ''
     lines = [
         '| model | input | device | batch | gates open | dense ms | '
         'mask ms | skip ms | MAC ratio | dense/skip | realized | '
-        'skip/dense |',
-        '|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|'
+        'skip/dense |' + extra,
+        '|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|' +
+        ('---:|---:|' if given else '')
     ]
     for r in rows:
-        lines.append(
-            f'| {r["model"]} | {r["size"]}x{r["size"]} | {r["device"]} | '
-            f'{r["batch"]} | {r["gates"]} | {r["dense_ms"]:.1f} | '
-            f'{r["mask_ms"]:.1f} | {r["skip_ms"]:.1f} | '
-            f'{r["mac_ratio"]:.3f} | {r["speedup"]:.2f} | '
-            f'{r["realized"]:.2f} | {r["skip_vs_dense"]:.3f} |')
+        line = (f'| {r["model"]} | {r["size"]}x{r["size"]} | '
+                f'{r["device"]} | {r["batch"]} | {r["gates"]} | '
+                f'{r["dense_ms"]:.1f} | {r["mask_ms"]:.1f} | '
+                f'{r["skip_ms"]:.1f} | {r["mac_ratio"]:.3f} | '
+                f'{r["speedup"]:.2f} | {r["realized"]:.2f} | '
+                f'{r["skip_vs_dense"]:.3f} |')
+        if given:
+            line += (f' {r["given_ms"]:.1f} | {r["given_realized"]:.2f} |'
+                     if 'given_ms' in r else ' | |')
+        lines.append(line)
     return '\n'.join(lines)
 
 
@@ -399,7 +492,7 @@ def main(argv=None):
     print(f'torch {env["torch"]}, {env["cpu"]}, {env["cores"]} cores, '
           f'{env["threads"]} threads, load average {load_before[0]:.2f} -> '
           f'{env["loadavg_after"][0]:.2f}; median of {args.repeats} runs, '
-          f'{args.clock} clock')
+          f'{args.clock} clock, {args.pattern} gates')
     print(markdown(rows))
     if args.out:
         with open(args.out, 'w') as f:

@@ -13,7 +13,9 @@ the gated step the gate-loss computation
 (:meth:`~mmgated.models.gate_loss_mixin.GateLossMixin.gate_losses`: both
 losses and the open rate) is timed separately, and so is, in an extra untimed
 pass, the backward of those losses alone down to the gate probabilities, so
-that the share of a step that the gate losses cost can be read off.
+that the share of a step that the gate losses cost can be read off. The
+forward pass (with the losses) of each step is timed too, so that the
+overhead splits into the forward's and the rest's (backward, SGD step).
 
 Example::
 
@@ -122,10 +124,16 @@ class GateLossTimer:
         return losses
 
 
-def make_step(model, optimizer, inputs, samples, device):
+def make_step(model, optimizer, inputs, samples, device, record=None):
+    """One training step; ``record['forward']`` gets the seconds of its
+    forward pass (with the losses)."""
     def step():
+        start = time.perf_counter()
         losses = model.loss(inputs, samples)
         loss = sum(v for k, v in losses.items() if 'loss' in k)
+        if record is not None:
+            _sync(device)
+            record['forward'] = time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -158,12 +166,15 @@ def benchmark(depth, args, device):
     labels = torch.randint(1000, (args.batch_size, ), generator=gen)
     samples = [DataSample().set_gt_label(int(label)) for label in labels]
     timer = GateLossTimer(gated, device)
-    steps = OrderedDict()
+    steps, records = OrderedDict(), {}
     for name, model in (('dense', dense), ('gated', gated)):
         optimizer = torch.optim.SGD(
             model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-        steps[name] = make_step(model, optimizer, inputs, samples, device)
+        records[name] = {}
+        steps[name] = make_step(model, optimizer, inputs, samples, device,
+                                records[name])
     times = {name: [] for name in steps}
+    forward_times = {name: [] for name in steps}
     gate_loss, gate_loss_share, gate_backward = [], [], []
     for i in range(args.warmup + args.repeats):
         # Alternate which model goes first, so neither always follows the
@@ -175,6 +186,7 @@ def benchmark(depth, args, device):
             elapsed = time.perf_counter() - start
             if i >= args.warmup:
                 times[name].append(elapsed)
+                forward_times[name].append(records[name]['forward'])
                 if name == 'gated':
                     gate_loss.append(timer.last)
                     gate_loss_share.append(timer.last / elapsed)
@@ -187,6 +199,17 @@ def benchmark(depth, args, device):
     gated_ms = statistics.median(times['gated']) * 1e3
     loss_ms = statistics.median(gate_loss) * 1e3
     backward_ms = statistics.median(gate_backward) * 1e3
+    # Per step, so that the forward and the rest (backward, SGD step) of
+    # one step are paired.
+    forward = {
+        name: statistics.median(forward_times[name]) * 1e3
+        for name in steps
+    }
+    rest = {
+        name: statistics.median(t - f for t, f in zip(
+            times[name], forward_times[name])) * 1e3
+        for name in steps
+    }
     return OrderedDict(
         model=f'resnet{depth}',
         size=args.size,
@@ -199,6 +222,10 @@ def benchmark(depth, args, device):
         gate_loss_share=statistics.median(gate_loss_share),
         gate_loss_backward_ms=backward_ms,
         gate_loss_fwd_bwd_share=(loss_ms + backward_ms) / gated_ms,
+        dense_forward_ms=forward['dense'],
+        gated_forward_ms=forward['gated'],
+        forward_overhead=forward['gated'] / forward['dense'],
+        backward_overhead=rest['gated'] / rest['dense'],
         dense_all_ms=[t * 1e3 for t in times['dense']],
         gated_all_ms=[t * 1e3 for t in times['gated']])
 
@@ -207,8 +234,9 @@ def markdown(rows):
     lines = [
         '| model | input | batch | device | dense step ms | gated step ms '
         '| gated/dense | gate losses ms | share of step | + their backward '
-        'ms | fwd+bwd share |',
-        '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|'
+        'ms | fwd+bwd share | forward gated/dense | backward + step '
+        'gated/dense |',
+        '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
     ]
     for r in rows:
         lines.append(
@@ -217,7 +245,8 @@ def markdown(rows):
             f'{r["overhead"]:.3f} | {r["gate_loss_ms"]:.2f} | '
             f'{r["gate_loss_share"] * 100:.2f} % | '
             f'{r["gate_loss_backward_ms"]:.2f} | '
-            f'{r["gate_loss_fwd_bwd_share"] * 100:.2f} % |')
+            f'{r["gate_loss_fwd_bwd_share"] * 100:.2f} % | '
+            f'{r["forward_overhead"]:.3f} | {r["backward_overhead"]:.3f} |')
     return '\n'.join(lines)
 
 

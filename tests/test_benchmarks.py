@@ -1,0 +1,134 @@
+"""The benchmark scripts: what they force, count and report (no timing
+assertions; tiny inputs, one repeat)."""
+import importlib.util
+import os.path as osp
+
+import pytest
+import torch
+
+from mmgated.models import ChannelGate
+
+pytest.importorskip('mmpretrain')
+
+BENCHMARKS = osp.join(osp.dirname(osp.dirname(__file__)), 'benchmarks')
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(
+        name, osp.join(BENCHMARKS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gated_inference = _load('gated_inference')
+train_overhead = _load('train_overhead')
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize('density', [0.0, 0.25, 0.5, 0.7, 1.0])
+def test_exact_gates(density):
+    gates = gated_inference.exact_gates((5, 37), density,
+                                        torch.Generator().manual_seed(0))
+    assert set(gates.unique().tolist()) <= {0.0, 1.0}
+    assert gates.sum(1).tolist() == [round(density * 37)] * 5
+    # Random places: the rows differ, and the same seed draws the same.
+    if 0 < density < 1:
+        assert len({tuple(row.tolist()) for row in gates}) > 1
+    again = gated_inference.exact_gates((5, 37), density,
+                                        torch.Generator().manual_seed(0))
+    assert torch.equal(gates, again)
+
+
+def _small_pair():
+    args = gated_inference.parse_args(
+        ['--models', 'resnet34', '--size', '32'])
+    dense, gated = gated_inference.build_pair('resnet34', args)
+    return dense, gated
+
+
+@pytest.mark.parametrize('pattern', ['independent', 'exact'])
+def test_gate_control_patterns_and_given_gates(pattern, monkeypatch):
+    from mmgated.models import collect_gates, set_gate_execution
+    _, gated = _small_pair()
+    set_gate_execution(gated, 'skip')
+    control = gated_inference.GateControl(gated, pattern)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        forced = control.call(x, 0.5, 3)()
+        outputs = collect_gates(gated)
+        again = control.call(x, 0.5, 3)()
+    torch.testing.assert_close(forced, again)  # seeded: the same pattern
+    counts = [o.gates.sum(1) for o in outputs.values()]
+    widths = [o.gates.shape[1] for o in outputs.values()]
+    if pattern == 'exact':
+        for count, width in zip(counts, widths):
+            assert count.tolist() == [width // 2] * 2
+    else:
+        assert any(c.tolist() != [w // 2] * 2
+                   for c, w in zip(counts, widths))
+    # Given gates: the gating modules do not run, the pattern is the same.
+    given = control.record(x, 0.5, 3)
+
+    def fail(self, x):
+        raise AssertionError('a gating module ran with given gates')
+
+    monkeypatch.setattr(ChannelGate, 'forward', fail)
+    with torch.no_grad():
+        out = control.call(x, None, None, given=given)()
+    torch.testing.assert_close(out, forced)
+    # A plain call afterwards runs the gating modules again.
+    with pytest.raises(AssertionError, match='gating module ran'):
+        with torch.no_grad():
+            control.call(x, 0.5, 3)()
+
+
+def test_gated_inference_rows(tmp_path):
+    out = tmp_path / 'bench.json'
+    rows = gated_inference.main([
+        '--models', 'resnet34', '--batch-sizes', '1', '--size', '32',
+        '--repeats', '1', '--warmup', '0', '--densities', '1.0', '0.5',
+        '--threads', '1', '--pattern', 'exact', '--given-gates', '--out',
+        str(out)
+    ])
+    assert out.exists()
+    full, half = rows
+    # Gating modules add a little to the dense MACs at 100 %; exactly half
+    # of every gated map open leaves the stem and shortcuts dense.
+    assert 1.0 < full['mac_ratio'] < 1.01
+    assert 0.5 < half['mac_ratio'] < 0.55
+    for row in rows:
+        assert row['pattern'] == 'exact'
+        assert row['realized'] == pytest.approx(row['speedup'] *
+                                                row['mac_ratio'])
+        assert row['given_realized'] == pytest.approx(
+            row['dense_ms'] / row['given_ms'] * row['mac_ratio'])
+    table = gated_inference.markdown(rows)
+    assert 'realized, given gates' in table
+    assert len(table.splitlines()) == 2 + len(rows)
+
+
+def test_train_overhead_row():
+    args = train_overhead.parse_args([
+        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
+        '1', '--warmup', '0', '--threads', '1'
+    ])
+    torch.set_num_threads(1)
+    row = train_overhead.benchmark(18, args, torch.device('cpu'))
+    assert row['overhead'] == pytest.approx(row['gated_ms'] / row['dense_ms'])
+    assert 0 < row['gate_loss_ms'] < row['gated_ms']
+    assert row['gate_loss_backward_ms'] > 0
+    assert 0 < row['gated_forward_ms'] < row['gated_ms']
+    assert 0 < row['dense_forward_ms'] < row['dense_ms']
+    assert row['forward_overhead'] == pytest.approx(
+        row['gated_forward_ms'] / row['dense_forward_ms'])
+    assert row['backward_overhead'] > 0
+    lines = train_overhead.markdown([row]).splitlines()
+    assert len(lines) == 3
+    assert {line.count('|') for line in lines} == {14}
