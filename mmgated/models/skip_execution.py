@@ -305,18 +305,11 @@ def _folded_layout(conv: nn.Conv2d, norm: nn.Module, name: str):
     return cached_on(conv, name, (weight, ), build)
 
 
-def _out_size(conv: nn.Conv2d, size: Sequence[int]) -> Tuple[int, ...]:
-    """Spatial output size of ``conv`` for an input of spatial ``size``."""
-    return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
-                 for s, k, st, p, d in zip(size, conv.kernel_size,
-                                           conv.stride, conv.padding,
-                                           conv.dilation))
-
-
 class _Plan:
     """The layers of one block and what to compute of them for a batch."""
 
     def __init__(self, block, x):
+        from .blocks import conv_output_size  # blocks imports this module
         self.block = block
         self.convs, self.norms, self.gate_names, self.plugins = \
             _block_layers(block)
@@ -329,7 +322,7 @@ class _Plan:
         self.gated = gated
         sizes, size = [], tuple(x.shape[2:])
         for conv in self.convs:
-            size = _out_size(conv, size)
+            size = conv_output_size(conv, *size)
             sizes.append(size)
         self.sizes = sizes
         self.device_type = x.device.type
