@@ -132,3 +132,41 @@ def test_train_overhead_row():
     lines = train_overhead.markdown([row]).splitlines()
     assert len(lines) == 3
     assert {line.count('|') for line in lines} == {14}
+
+
+def test_gated_inference_learned_gates_from_checkpoint(tmp_path):
+    """``--checkpoint``: a classifier checkpoint's backbone weights and gate
+    layout are loaded, and its learned gates are timed as one more row."""
+    from mmpretrain.registry import MODELS
+    import mmgated  # noqa: F401
+    torch.manual_seed(0)
+    backbone = MODELS.build(
+        dict(type='GatedResNet', depth=34, gate_cfg=dict(stages=(2, 3))))
+    backbone.init_weights()
+    with torch.no_grad():  # some gates learned closed
+        backbone.layer3[0].gate.fc2.bias[:100] = -5.0
+    state = {f'backbone.{k}': v for k, v in backbone.state_dict().items()}
+    path = tmp_path / 'epoch_1.pth'
+    torch.save(dict(state_dict=state, meta=dict()), path)
+    rows = gated_inference.main([
+        '--models', 'resnet34', '--batch-sizes', '1', '--size', '32',
+        '--repeats', '1', '--warmup', '0', '--densities', '1.0', '--threads',
+        '1', '--checkpoint', str(path), '--given-gates'
+    ])
+    assert [r['gates'] for r in rows] == ['100%', 'learned']
+    learned = rows[1]
+    assert learned['pattern'] is None
+    # Only stages 3 and 4 are gated, and some of their gates are closed.
+    assert 0.5 < learned['mac_ratio'] < 1.0
+    assert learned['given_ms'] > 0
+
+
+def test_gated_inference_checkpoint_without_gates(tmp_path):
+    path = tmp_path / 'dense.pth'
+    torch.save(dict(state_dict={'backbone.conv1.weight': torch.zeros(1)}),
+               path)
+    with pytest.raises(SystemExit, match='no gate weights'):
+        gated_inference.main([
+            '--models', 'resnet34', '--size', '32', '--checkpoint',
+            str(path)
+        ])
