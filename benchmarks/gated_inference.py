@@ -276,13 +276,12 @@ def time_networks(networks, device, repeats, warmup, seed, clock='wall'):
 def exact_gates(shape, density, generator):
     """0/1 gates of ``shape`` ``(N, C)`` with exactly ``round(density * C)``
     ones in every row, at places drawn from ``generator``."""
-    n, c = shape
     if density in (0.0, 1.0):
         # No draw, as force_gates with 0 or 1.
         return torch.full(shape, float(density))
     order = torch.rand(shape, generator=generator).argsort(dim=1)
     gates = torch.zeros(shape)
-    return gates.scatter_(1, order[:, :round(density * c)], 1.0)
+    return gates.scatter_(1, order[:, :round(density * shape[1])], 1.0)
 
 
 class GateControl:
