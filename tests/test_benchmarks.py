@@ -26,7 +26,8 @@ train_overhead = _load('train_overhead')
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _restore_threads():
+    # The scripts' main() sets the thread count of the whole process.
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
@@ -46,17 +47,16 @@ def test_exact_gates(density):
     assert torch.equal(gates, again)
 
 
-def _small_pair():
+def _small_gated():
     args = gated_inference.parse_args(
         ['--models', 'resnet34', '--size', '32'])
-    dense, gated = gated_inference.build_pair('resnet34', args)
-    return dense, gated
+    return gated_inference.build_pair('resnet34', args)[1]
 
 
 @pytest.mark.parametrize('pattern', ['independent', 'exact'])
 def test_gate_control_patterns_and_given_gates(pattern, monkeypatch):
     from mmgated.models import collect_gates, set_gate_execution
-    _, gated = _small_pair()
+    gated = _small_gated()
     set_gate_execution(gated, 'skip')
     control = gated_inference.GateControl(gated, pattern)
     x = torch.randn(2, 3, 32, 32)
