@@ -73,7 +73,9 @@ build_mmcv_wheel() {
     sleep 30
     # ninja numbers its compile steps as [done/total].
     local progress
-    progress=$(grep -o '^ *\[[0-9]*/[0-9]*\]' "$log" 2>/dev/null | tail -n 1 | tr -d ' []')
+    # `|| true`: before ninja's first step grep finds nothing, which under
+    # `set -e -o pipefail` would end the script while the build goes on.
+    progress=$(grep -o '^ *\[[0-9]*/[0-9]*\]' "$log" 2>/dev/null | tail -n 1 | tr -d ' []' || true)
     printf '[setup] mmcv build: %s compile steps done, %ss elapsed\n' \
       "${progress:-0/?}" "$((SECONDS - start))"
   done
