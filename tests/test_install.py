@@ -121,6 +121,36 @@ def test_readme_commands_are_what_ci_runs():
     assert 'readme_commands.py README.md' in ci
 
 
+def _setup_function(name):
+    """The text of the shell function ``name`` in tools/setup_env.sh."""
+    with open(os.path.join(REPO, 'tools', 'setup_env.sh')) as f:
+        text = f.read()
+    start = text.index(f'\n{name}() {{') + 1
+    return text[start:text.index('\n}\n', start) + 3]
+
+
+@pytest.mark.parametrize('log_text, expected', [
+    (None, '0/?'),  # the build has not written its log yet
+    ('running build_ext\n', '0/?'),  # no ninja step yet
+    ('  [1/77] c++ a.cpp\n  [12/77] c++ b.cpp\nwarning\n', '12/77'),
+])
+def test_mmcv_build_progress_never_ends_the_setup(tmp_path, log_text,
+                                                   expected):
+    # The set-up script runs under `set -euo pipefail`; reading the progress
+    # of the background mmcv build once ended it before ninja's first step.
+    log = tmp_path / 'build.log'
+    if log_text is not None:
+        log.write_text(log_text)
+    # Called as a plain command, where `set -e` applies inside the function
+    # (a command substitution around the call would hide the failure).
+    script = ('set -euo pipefail\n' + _setup_function('ninja_progress') +
+              f'ninja_progress {log}\necho still running\n')
+    result = subprocess.run(['bash', '-c', script], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split('\n')[:2] == [expected, 'still running']
+
+
 def test_collect_env_reports_versions_ops_and_registries():
     result = subprocess.run(
         [sys.executable, '-m', 'mmgated.utils.collect_env'],

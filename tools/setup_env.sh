@@ -50,6 +50,15 @@ sys.exit(0 if mmcv.__version__ == sys.argv[1] else 1)
 PYEOF
 }
 
+# The last [done/total] step ninja wrote to the build log, or 0/? before the
+# first one. Never fails: under `set -e -o pipefail` a grep that finds nothing
+# yet would end this script while the build goes on in the background.
+ninja_progress() {
+  local progress
+  progress=$(grep -o '^ *\[[0-9]*/[0-9]*\]' "$1" 2>/dev/null | tail -n 1 | tr -d ' []' || true)
+  echo "${progress:-0/?}"
+}
+
 build_mmcv_wheel() {
   local src_dir log
   src_dir=$(mktemp -d)
@@ -71,13 +80,8 @@ build_mmcv_wheel() {
   local pid=$! start=$SECONDS
   while kill -0 "$pid" 2>/dev/null; do
     sleep 30
-    # ninja numbers its compile steps as [done/total].
-    local progress
-    # `|| true`: before ninja's first step grep finds nothing, which under
-    # `set -e -o pipefail` would end the script while the build goes on.
-    progress=$(grep -o '^ *\[[0-9]*/[0-9]*\]' "$log" 2>/dev/null | tail -n 1 | tr -d ' []' || true)
     printf '[setup] mmcv build: %s compile steps done, %ss elapsed\n' \
-      "${progress:-0/?}" "$((SECONDS - start))"
+      "$(ninja_progress "$log")" "$((SECONDS - start))"
   done
   if ! wait "$pid"; then
     tail -n 40 "$log" >&2
