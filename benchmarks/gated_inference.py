@@ -67,6 +67,9 @@ MODELS = OrderedDict(
 
 # How forced gates are drawn (see --pattern).
 PATTERNS = ('independent', 'exact')
+# Other ways to compute skip execution's weight-bound convolutions (see
+# --weight-bound).
+WEIGHT_BOUND_WAYS = ('pytorch', 'onednn')
 
 
 def parse_args(argv=None):
@@ -106,6 +109,13 @@ def parse_args(argv=None):
         help='also time skip execution with each gating module replaced by '
         'the gates it would output (the same pattern, precomputed): skip '
         'execution without the cost of the gating modules')
+    parser.add_argument(
+        '--weight-bound', nargs='+', default=[], choices=WEIGHT_BOUND_WAYS,
+        help='also time skip execution with its weight-bound convolutions '
+        "(a single sample's small maps) computed another way: 'pytorch' "
+        "(gathers and one matrix product, gathered_gemm's fallback) or "
+        "'onednn' (gathers and oneDNN, as larger maps), instead of the "
+        'compiled gathered_gemm')
     parser.add_argument(
         '--gate-position', default='after_conv2',
         choices=['after_conv1', 'after_conv2', 'both'],
@@ -349,6 +359,28 @@ class GateControl:
                 for gate in self.gates}
 
 
+def weight_bound_way(way, run):
+    """``run`` with skip execution's weight-bound convolutions computed by
+    ``way`` (see ``--weight-bound``), restored afterwards."""
+    from mmgated.models import skip_execution
+    from mmgated.ops import gathered_gemm_reference
+
+    def wrapped():
+        saved = (skip_execution.gathered_gemm,
+                 skip_execution.WEIGHT_BOUND_PIXELS)
+        if way == 'pytorch':
+            skip_execution.gathered_gemm = gathered_gemm_reference
+        else:
+            skip_execution.WEIGHT_BOUND_PIXELS = 0
+        try:
+            return run()
+        finally:
+            (skip_execution.gathered_gemm,
+             skip_execution.WEIGHT_BOUND_PIXELS) = saved
+
+    return wrapped
+
+
 def benchmark(name, device, batch_size, args):
     from mmgated.models import set_gate_execution
     dense, gated = build_pair(name, args)
@@ -375,6 +407,9 @@ def benchmark(name, device, batch_size, args):
         if args.given_gates:
             networks[f'given {label}'] = skip_control.call(
                 x, None, None, given=skip_control.record(x, value, seed))
+        for way in args.weight_bound:
+            networks[f'{way} {label}'] = weight_bound_way(
+                way, skip_control.call(x, value, seed))
     times = time_networks(networks, device, args.repeats, args.warmup,
                           args.seed, args.clock)
     rows = []
@@ -390,6 +425,10 @@ def benchmark(name, device, batch_size, args):
             given = dict(
                 given_ms=given_ms,
                 given_realized=(dense_ms / given_ms) / (dense_macs / macs))
+        ways = {
+            f'{way}_ms': times[f'{way} {label}']['median']
+            for way in args.weight_bound
+        }
         rows.append(
             OrderedDict(
                 model=name,
@@ -409,6 +448,7 @@ def benchmark(name, device, batch_size, args):
                 mask_vs_dense=mask_ms / dense_ms,
                 pattern=args.pattern if value is not None else None,
                 **given,
+                **ways,
                 times=times_for(times, label)))
     return rows
 
@@ -422,12 +462,14 @@ def markdown(rows):
     given = any('given_ms' in r for r in rows)
     extra = ' skip, given gates ms | realized, given gates |' if given \
         else ''
+    ways = [w for w in WEIGHT_BOUND_WAYS if any(f'{w}_ms' in r for r in rows)]
+    extra += ''.join(f' skip, weight-bound by {w} ms |' for w in ways)
     lines = [
         '| model | input | device | batch | gates open | dense ms | '
         'mask ms | skip ms | MAC ratio | dense/skip | realized | '
         'skip/dense |' + extra,
         '|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|' +
-        ('---:|---:|' if given else '')
+        ('---:|---:|' if given else '') + '---:|' * len(ways)
     ]
     for r in rows:
         line = (f'| {r["model"]} | {r["size"]}x{r["size"]} | '
@@ -439,6 +481,8 @@ def markdown(rows):
         if given:
             line += (f' {r["given_ms"]:.1f} | {r["given_realized"]:.2f} |'
                      if 'given_ms' in r else ' | |')
+        for w in ways:
+            line += f' {r[f"{w}_ms"]:.1f} |' if f'{w}_ms' in r else ' |'
         lines.append(line)
     return '\n'.join(lines)
 

@@ -114,6 +114,39 @@ def test_gated_inference_rows(tmp_path):
     assert len(table.splitlines()) == 2 + len(rows)
 
 
+def test_weight_bound_ways(monkeypatch):
+    """--weight-bound times skip execution with its weight-bound layers
+    computed by PyTorch or oneDNN instead of the compiled product, and
+    puts the library back as it was after each call."""
+    from mmgated.models import skip_execution
+    used = []
+    original_conv = skip_execution._Plan._gathered_product
+
+    def spy(plan, j, h, *args):
+        used.append(skip_execution.gathered_gemm.__name__)
+        return original_conv(plan, j, h, *args)
+
+    monkeypatch.setattr(skip_execution._Plan, '_gathered_product', spy)
+    rows = gated_inference.main([
+        '--models', 'resnet34', '--batch-sizes', '1', '--size', '32',
+        '--repeats', '1', '--warmup', '0', '--densities', '0.5',
+        '--threads', '1', '--weight-bound', 'pytorch', 'onednn'
+    ])
+    # One timed call each: 'pytorch' swaps the product, 'onednn' never
+    # reaches it, so the compiled one ran only for the plain skip network.
+    assert used.count('gathered_gemm') == used.count(
+        'gathered_gemm_reference') > 0
+    assert set(used) == {'gathered_gemm', 'gathered_gemm_reference'}
+    assert skip_execution.gathered_gemm.__name__ == 'gathered_gemm'
+    assert skip_execution.WEIGHT_BOUND_PIXELS == 64
+    row, = rows
+    assert row['pytorch_ms'] > 0 and row['onednn_ms'] > 0
+    table = gated_inference.markdown(rows)
+    assert 'weight-bound by pytorch ms | skip, weight-bound by onednn' in table
+    assert len(table.splitlines()[1].split('|')) == len(
+        table.splitlines()[2].split('|'))
+
+
 def test_train_overhead_row():
     args = train_overhead.parse_args([
         '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',

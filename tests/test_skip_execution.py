@@ -169,6 +169,9 @@ def test_batch_one_sparse_and_masked_dense_plans(key, weight_cost,
     # 90 % open (81 % of conv2 in 'both') is cheaper dense with masks.
     monkeypatch.setattr(skip_execution, 'PLAN_COSTS',
                         dict(cpu=dict(weight=weight_cost, call=0)))
+    # Convs that read their weight in place never gather (see
+    # test_in_place_reads_never_choose_masks); all of these gather.
+    monkeypatch.setattr(skip_execution, 'WEIGHT_BOUND_PIXELS', 0)
     model, size = _backbone(key)
     calls = []
     original = skip_execution._Plan.segment
@@ -186,6 +189,75 @@ def test_batch_one_sparse_and_masked_dense_plans(key, weight_cost,
         assert sparse and not masked
     else:
         assert masked and not sparse
+
+
+@pytest.mark.parametrize('native', [True, False])
+@pytest.mark.parametrize('key', ['basic', 'bottleneck-both', 'pspnet-both'])
+def test_weight_bound_layers_read_weights_in_place(key, native, monkeypatch):
+    """At batch 1, convolutions with at most WEIGHT_BOUND_PIXELS output
+    pixels run as im2col and gathered_gemm (compiled, or its PyTorch
+    fallback), larger ones as before; both equal mask execution."""
+    import importlib
+    ops_module = importlib.import_module('mmgated.ops.gathered_gemm')
+    if not native:
+        monkeypatch.setattr(ops_module, '_library', False)
+    calls = []
+    original = skip_execution.gathered_gemm
+
+    def counted(weight, cols, group, rows=None, col_groups=None, **kwargs):
+        calls.append((rows is not None, col_groups is not None, group))
+        return original(weight, cols, group, rows, col_groups, **kwargs)
+
+    monkeypatch.setattr(skip_execution, 'gathered_gemm', counted)
+    # Output sizes of the convs restricted to open channels.
+    restricted = []
+    original_layer = skip_execution._Plan.sparse_layer
+
+    def sparse_layer(plan, j, h, in_idx, out_idx):
+        if (in_idx is not None or out_idx is not None) and h.shape[1] > 0:
+            restricted.append(plan.sizes[j][0] * plan.sizes[j][1])
+        return original_layer(plan, j, h, in_idx, out_idx)
+
+    monkeypatch.setattr(skip_execution._Plan, 'sparse_layer', sparse_layer)
+    model, size = _backbone(key)
+    # Sizes at which the early stages' maps exceed the bound and the late
+    # ones do not (PSPNet's output stride is 8).
+    size = size if key.startswith('pspnet') else 2 * size
+    x = torch.randn(1, 3, size, size)
+    _check_equal(model, x, 0.5, seed=5)
+    # Every restricted conv with a small output, and only those, ran as the
+    # gathered product ...
+    small = [p for p in restricted if p <= skip_execution.WEIGHT_BOUND_PIXELS]
+    assert 0 < len(small) == len(calls) < len(restricted)
+    # ... reading open rows and open input channels.
+    assert any(c[0] for c in calls) and any(c[1] for c in calls)
+    if key == 'bottleneck-both':
+        # conv2 reads open rows and open input channels at once.
+        assert any(r and c for r, c, _ in calls)
+    # All open: the dense convolutions, not the gathered product.
+    calls.clear()
+    _check_equal(model, x, 1.0)
+    assert not calls
+
+
+def test_in_place_reads_never_choose_masks(monkeypatch):
+    """A block whose convs read the open part of their weight in place
+    (batch 1, small maps) has no gather to save: however costly weights
+    are, computing fewer channels is the cheaper plan."""
+    monkeypatch.setattr(skip_execution, 'PLAN_COSTS',
+                        dict(cpu=dict(weight=1e12, call=0)))
+    model, size = _backbone('basic')
+    masked = []
+    original = skip_execution._Plan.segment
+
+    def segment(plan, h, indices, masks=None):
+        masked.append(masks is not None)
+        return original(plan, h, indices, masks)
+
+    monkeypatch.setattr(skip_execution._Plan, 'segment', segment)
+    # 32x32: every map of the ResNet-18 has at most 64 pixels.
+    _check_equal(model, torch.randn(1, 3, size, size), 0.9, seed=2)
+    assert masked and not any(masked)
 
 
 def _pattern_hook(make):
@@ -427,10 +499,9 @@ def test_unsupported_conv():
 
 
 def test_cached_weights_follow_updates(monkeypatch):
-    """Skip execution keeps BN-folded weights and their transposed and
-    im2col layouts; they must follow in-place updates (optimizer steps,
-    load_state_dict) and be dropped when switching back to mask
-    execution."""
+    """Skip execution keeps BN-folded weights and their transposed layout;
+    they must follow in-place updates (optimizer steps, load_state_dict)
+    and be dropped when switching back to mask execution."""
     reference = build_in(mmpretrain_models, dict(type='GatedResNet', depth=18))
     _randomize(reference)
     reference.eval()
@@ -438,9 +509,9 @@ def test_cached_weights_follow_updates(monkeypatch):
     # drops the caches, which would hide a stale one).
     fast = copy.deepcopy(reference)
     set_gate_execution(fast, 'skip')
-    # With every weight read through a cached copy, the small maps of a
-    # 32x32 input read open inputs through the im2col layout, layer1 of a
-    # 128x128 input through the transposed one.
+    # With every weight read through a cached copy: the small maps of a
+    # 32x32 input read the folded copy in place (gathered_gemm), layer1 of
+    # a 128x128 input gathers from the transposed one.
     monkeypatch.setattr(skip_execution, 'STRIDED_GATHER_MAX', 0)
     inputs = (torch.randn(1, 3, 32, 32), torch.randn(1, 3, 128, 128))
 
@@ -466,12 +537,10 @@ def test_cached_weights_follow_updates(monkeypatch):
     for model in (reference, fast):
         model.load_state_dict(state)
     compare()
-    for name in ('_skip_folded', '_skip_transposed', '_skip_gemm',
-                 '_skip_plans'):
+    for name in ('_skip_folded', '_skip_transposed', '_skip_plans'):
         assert any(name in m.__dict__ for m in fast.modules()), name
     set_gate_execution(fast, 'mask')
-    for name in ('_skip_folded', '_skip_transposed', '_skip_gemm',
-                 '_skip_plans'):
+    for name in ('_skip_folded', '_skip_transposed', '_skip_plans'):
         assert not any(name in m.__dict__ for m in fast.modules()), name
 
 

@@ -27,18 +27,25 @@ How a batch runs (see :func:`skip_residual`):
 How a convolution runs on the CPU: in eval mode each convolution and its BN
 are folded into one convolution with a bias (a copy cached on the conv until
 a weight or statistic changes; ``set_gate_execution(model, 'mask')`` drops
-the copies), so a closed channel costs neither its filter nor its BN. The
-filters of the open output channels are contiguous rows of the weight, a
-cheap gather. The open *input* channels are not: they are runs of ``kh*kw``
-values strided by ``in*kh*kw``, a gather slower than the convolution itself
-for the large weights of the late stages. Up to ``STRIDED_GATHER_MAX``
-weight elements the strided gather is used; a larger weight is read from a
-cached copy whose rows are the input channels: at batch 1 on small maps
-(weight-bound) by im2col and one matrix product, otherwise (stride 1) as
-the equal transposed convolution with an ``(in, out, kh, kw)`` weight. Where
-PyTorch would run a convolution on a small single sample with its slow
-native kernels instead of oneDNN, oneDNN is called directly. None of this
-changes the numbers beyond floating point order.
+the copies), so a closed channel costs neither its filter nor its BN.
+
+* A single sample on a small map (at most ``WEIGHT_BOUND_PIXELS`` output
+  pixels, e.g. layer 4 of a ResNet at 224x224) is bound by reading the
+  weight. It runs as im2col and :func:`mmgated.ops.gathered_gemm`, a
+  compiled matrix product that reads the open rows and input channels of
+  the weight where they are, instead of gathering them into a copy that
+  oneDNN would then reorder (two more passes of the weight through memory).
+* Otherwise the open channels' weights are gathered. The filters of the
+  open output channels are contiguous rows of the weight, a cheap gather.
+  The open *input* channels are not: they are runs of ``kh*kw`` values
+  strided by ``in*kh*kw``. Up to ``STRIDED_GATHER_MAX`` weight elements the
+  strided gather is used; a larger weight (stride 1) runs as the equal
+  transposed convolution, whose cached ``(in, out, kh, kw)`` weight has the
+  input channels as rows. Where PyTorch would run a convolution on a small
+  single sample with its slow native kernels instead of oneDNN, oneDNN is
+  called directly.
+
+None of this changes the numbers beyond floating point order.
 
 Skip execution is for inference only: the block must be in eval mode (its BN
 layers use running statistics, which the per-channel indexing relies on).
@@ -52,6 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import gathered_gemm
 from .folding import bn_scale_shift, cached_on
 from .gates import GATE_EXECUTIONS
 
@@ -264,8 +272,17 @@ def _onednn_conv2d(h, weight, bias, conv):
 # on par), whose oneDNN kernel is slower than the plain one.
 STRIDED_GATHER_MAX = 256 * 256 * 9
 
+# A single sample's convolution with at most this many output pixels is
+# bound by reading its weight (a 3x3 512-channel weight is 9.4 MB for 49
+# pixels, layer 4 of a ResNet at 224x224): it runs as im2col and
+# gathered_gemm, which reads the open part of the weight in place, instead
+# of a gather and oneDNN. On the 2-core test CPU that took a 512-channel
+# 7x7 convolution at half its channels from 3.2-4.1 ms to 2.1-2.7 ms; at
+# 196 pixels (14x14) oneDNN stays faster (docs/benchmarks.md).
+WEIGHT_BOUND_PIXELS = 64
+
 # Names of the weight copies cached on a convolution (see cached_on).
-_CACHES = ('_skip_folded', '_skip_transposed', '_skip_gemm')
+_CACHES = ('_skip_folded', '_skip_transposed')
 
 
 def _fold_bn(conv: nn.Conv2d, norm: nn.Module):
@@ -289,20 +306,14 @@ def _folded(conv: nn.Conv2d, norm: nn.Module):
                    lambda: _fold_bn(conv, norm))
 
 
-def _folded_layout(conv: nn.Conv2d, norm: nn.Module, name: str):
-    """The folded weight in a layout whose rows are the input channels:
-    ``'_skip_transposed'``: ``(in, out, kh, kw)`` flipped, the weight of
-    the equal transposed convolution (stride 1); ``'_skip_gemm'``:
-    ``(in, kh * kw * out)``, rows of the im2col matrix product."""
+def _folded_transposed(conv: nn.Conv2d, norm: nn.Module):
+    """The folded weight as the ``(in, out, kh, kw)`` flipped weight of the
+    equal transposed convolution (stride 1), whose rows are the input
+    channels; cached like :func:`_folded`."""
     weight = _folded(conv, norm)[0]
-
-    def build():
-        if name == '_skip_transposed':
-            return weight.transpose(0, 1).flip((2, 3)).contiguous()
-        return weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1) \
-            .contiguous()
-
-    return cached_on(conv, name, (weight, ), build)
+    return cached_on(
+        conv, '_skip_transposed', (weight, ),
+        lambda: weight.transpose(0, 1).flip((2, 3)).contiguous())
 
 
 class _Plan:
@@ -346,7 +357,9 @@ class _Plan:
         ``gated[i]`` has ``counts[i]`` open channels (see ``PLAN_COSTS``).
 
         A conv restricted to some channels also pays for gathering its
-        weight: one more pass of the gathered weight through memory."""
+        weight: one more pass of the gathered weight through memory, except
+        a single sample's weight-bound conv on the CPU, which reads the open
+        part of its weight in place (:func:`~mmgated.ops.gathered_gemm`)."""
         costs = PLAN_COSTS.get(self.device_type, PLAN_COSTS['cpu'])
         weight_cost = costs['weight']
         if self.device_type == 'cpu':
@@ -360,7 +373,8 @@ class _Plan:
             h, w = self.sizes[j]
             kh, kw = conv.kernel_size
             weights = c_in * c_out * kh * kw
-            gathered = (c_in, c_out) != (conv.in_channels, conv.out_channels)
+            gathered = not self.reads_in_place(j, n) and (c_in, c_out) != (
+                conv.in_channels, conv.out_channels)
             total += weights * (n * h * w + weight_cost * (1 + gathered)) \
                 + costs['call']
         return total
@@ -386,9 +400,14 @@ class _Plan:
             # Nothing open: the next layer sees an input without channels.
             return h.new_empty((n, 0) + self.sizes[j])
         weight, bias = _folded(conv, self.norms[j])
+        fast = h.device.type == 'cpu' and not torch.is_grad_enabled()
+        if fast and (in_idx is not None or out_idx is not None) \
+                and h.shape[1] > 0 and h.dtype == torch.float32 \
+                and self.reads_in_place(j, n):
+            return self._gathered_product(j, h, weight, bias, in_idx,
+                                          out_idx)
         if out_idx is not None:
             bias = bias.index_select(0, out_idx)
-        fast = h.device.type == 'cpu' and not torch.is_grad_enabled()
         if h.shape[1] == 0:
             # All inputs closed: the convolution of zeros is its bias.
             y = bias[:, None, None].expand((n, bias.numel()) +
@@ -409,31 +428,47 @@ class _Plan:
             y = y.relu_()
         return y
 
+    def reads_in_place(self, j, n) -> bool:
+        """Whether conv ``j`` on ``n`` samples reads the open part of its
+        weight in place (:meth:`_gathered_product`) rather than gathering
+        it: a single sample on the CPU whose output has at most
+        ``WEIGHT_BOUND_PIXELS`` pixels, so that reading the weight, not the
+        arithmetic, sets its time."""
+        height, width = self.sizes[j]
+        return (n == 1 and self.device_type == 'cpu'
+                and height * width <= WEIGHT_BOUND_PIXELS)
+
+    def _gathered_product(self, j, h, weight, bias, in_idx, out_idx):
+        """Conv ``j`` (BN folded, ReLU unless last) of a weight-bound
+        sample as im2col and :func:`~mmgated.ops.gathered_gemm`, which
+        reads the open rows and input channels of the weight in place."""
+        conv = self.convs[j]
+        kh, kw = conv.kernel_size
+        cols = F.unfold(h, conv.kernel_size, conv.dilation, conv.padding,
+                        conv.stride)[0]
+        y = gathered_gemm(
+            weight.view(weight.shape[0], -1),
+            cols,
+            kh * kw,
+            rows=out_idx,
+            col_groups=in_idx,
+            bias=bias,
+            relu=j < self.last)
+        return y.view((1, y.shape[0]) + self.sizes[j])
+
     def _read_open_inputs(self, j, h, in_idx, bias):
         """Conv ``j`` (folded) on ``h``, the channels ``in_idx`` of its
         input, on the CPU without gradient (see the module doc)."""
         conv, norm = self.convs[j], self.norms[j]
         small = _small_for_onednn(h, conv)
         if conv.weight.numel() > STRIDED_GATHER_MAX:
-            if small and h.shape[2] * h.shape[3] < 100:
-                # Weight-bound: im2col and one matrix product with the open
-                # rows of an (in, kh * kw * out) copy (oneDNN's reorder of
-                # any layout but its own is slower than the strided gather).
-                rows = _folded_layout(conv, norm, '_skip_gemm')
-                weight = rows.index_select(0, in_idx).view(
-                    -1, conv.out_channels)
-                cols = F.unfold(h, conv.kernel_size, conv.dilation,
-                                conv.padding, conv.stride)[0]
-                y = torch.addmm(bias, cols.t(), weight)
-                return y.t().reshape((1, conv.out_channels) + self.sizes[j])
             if not small and _transposable(conv):
                 # The equal transposed convolution, whose (in, out, kh, kw)
                 # weight has the input channels as rows. (A small single
                 # sample would run it on PyTorch's slow native kernel; its
                 # gather is cheap at that size.)
-                weight = _folded_layout(conv, norm,
-                                        '_skip_transposed').index_select(
-                                            0, in_idx)
+                weight = _folded_transposed(conv, norm).index_select(
+                    0, in_idx)
                 return F.conv_transpose2d(h, weight, bias, 1,
                                           _transposed_padding(conv), 0, 1,
                                           conv.dilation)

@@ -1,0 +1,139 @@
+"""gathered_gemm: the compiled product against convolutions and PyTorch."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmgated.ops import (gathered_gemm, gathered_gemm_reference,
+                         native_available)
+
+# The module, which the package's function of the same name hides.
+gathered_gemm_module = importlib.import_module('mmgated.ops.gathered_gemm')
+
+
+def _subset(size, fraction, generator):
+    return torch.randperm(size, generator=generator)[:max(
+        1, round(size * fraction))].sort()[0]
+
+
+@pytest.mark.parametrize('native', [True, False])
+@pytest.mark.parametrize(
+    'in_channels, out_channels, size, kernel, stride, dilation',
+    [
+        (64, 96, 7, 3, 1, 1),  # layer 4 of a ResNet, scaled down
+        (32, 40, 14, 3, 2, 1),  # strided: 7x7 out of 14x14
+        (24, 30, 9, 3, 1, 2),  # dilated: 81 output pixels, two column tiles
+        (300, 13, 5, 1, 1, 1),  # 1x1, more rows of cols than one pass
+    ])
+def test_convolution_of_open_channels(in_channels, out_channels, size, kernel,
+                                      stride, dilation, native, monkeypatch):
+    """im2col + gathered_gemm over the open input and output channels is
+    the convolution of those channels (F.conv2d on gathered tensors)."""
+    if not native:
+        monkeypatch.setattr(gathered_gemm_module, '_library', False)
+    elif not native_available():
+        pytest.skip('no C compiler')
+    gen = torch.Generator().manual_seed(in_channels)
+    weight = torch.randn(out_channels, in_channels, kernel, kernel,
+                         generator=gen)
+    bias = torch.randn(out_channels, generator=gen)
+    open_in = _subset(in_channels, 0.45, gen)
+    open_out = _subset(out_channels, 0.6, gen)
+    padding = dilation * (kernel // 2)
+    for rows, col_groups in ((open_out, open_in), (None, open_in),
+                             (open_out, None)):
+        # The input holds the open channels only, or all of them.
+        channels = in_channels if col_groups is None else col_groups.numel()
+        inputs = torch.randn(1, channels, size, size, generator=gen)
+        cols = F.unfold(inputs, kernel, dilation, padding, stride)[0]
+        w = weight if rows is None else weight[rows]
+        w = w if col_groups is None else w[:, col_groups]
+        b = bias if rows is None else bias[rows]
+        expected = F.conv2d(inputs, w, b, stride, padding, dilation).relu()
+        actual = gathered_gemm(
+            weight.view(out_channels, -1),
+            cols,
+            kernel * kernel,
+            rows=rows,
+            col_groups=col_groups,
+            bias=bias,
+            relu=True)
+        torch.testing.assert_close(
+            actual.view(expected.shape), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('rows_count, groups_count, n', [
+    (None, None, 3),
+    (1, 5, 64),
+    (7, None, 65),  # a partial register tile and a second column tile
+    (12, 230, 130),  # 230 * 9 rows of cols: two passes
+])
+@pytest.mark.parametrize('relu, with_bias', [(False, False), (True, True)])
+def test_matches_reference(rows_count, groups_count, n, relu, with_bias):
+    if not native_available():
+        pytest.skip('no C compiler')
+    gen = torch.Generator().manual_seed(n)
+    group, num_rows, num_groups = 9, 20, 240
+    weight = torch.randn(num_rows, num_groups * group, generator=gen)
+    rows = None if rows_count is None else _subset(num_rows,
+                                                   rows_count / num_rows, gen)
+    groups = None if groups_count is None else _subset(
+        num_groups, groups_count / num_groups, gen)
+    k = num_groups if groups is None else groups.numel()
+    cols = torch.randn(k * group, n, generator=gen)
+    bias = torch.randn(num_rows, generator=gen) if with_bias else None
+    args = (weight, cols, group, rows, groups, bias, relu)
+    torch.testing.assert_close(
+        gathered_gemm(*args), gathered_gemm_reference(*args), rtol=1e-5,
+        atol=1e-4)
+
+
+def test_bad_arguments():
+    weight = torch.randn(4, 18)
+    cols = torch.randn(18, 5)
+    with pytest.raises(ValueError, match='weight must be a contiguous'):
+        gathered_gemm(weight.double(), cols, 9)
+    with pytest.raises(ValueError, match='cols must be a contiguous'):
+        gathered_gemm(weight, cols.t(), 9)
+    with pytest.raises(ValueError, match='group 4 does not divide'):
+        gathered_gemm(weight, cols, 4)
+    with pytest.raises(ValueError, match='cols has 18 rows, expected 1'):
+        gathered_gemm(weight, cols, 9, col_groups=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r'rows must lie in \[0, 4\)'):
+        gathered_gemm(weight, cols, 9, rows=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match='col_groups must be a contiguous'):
+        gathered_gemm(weight, cols[:9], 9, col_groups=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match='bias has 3 values for 4'):
+        gathered_gemm(weight, cols, 9, bias=torch.randn(3))
+
+
+def test_without_a_compiler(monkeypatch, tmp_path):
+    """No compiler that works: a warning, and the PyTorch version."""
+    monkeypatch.setattr(gathered_gemm_module, '_library', None)
+    monkeypatch.setenv('MMGATED_CACHE', str(tmp_path))
+    monkeypatch.setenv('CC', 'false')  # a "compiler" that always fails
+    with pytest.warns(UserWarning, match='could not compile'):
+        assert not native_available()
+    assert not list(tmp_path.rglob('*.so'))
+    weight, cols = torch.randn(4, 18), torch.randn(18, 5)
+    torch.testing.assert_close(
+        gathered_gemm(weight, cols, 9), weight @ cols)
+    # Switched off by the environment: no build is tried.
+    monkeypatch.setattr(gathered_gemm_module, '_library', None)
+    monkeypatch.setenv('MMGATED_NATIVE', '0')
+    assert not native_available()
+
+
+def test_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(gathered_gemm_module, '_library', None)
+    monkeypatch.setenv('MMGATED_CACHE', str(tmp_path))
+    if not native_available():
+        pytest.skip('no C compiler')
+    built = list(tmp_path.rglob('gathered_gemm-*.so'))
+    assert len(built) == 1
+    # A new process (here: a reset) loads the cached library.
+    monkeypatch.setattr(gathered_gemm_module, '_library', None)
+    mtime = built[0].stat().st_mtime_ns
+    assert native_available()
+    assert built[0].stat().st_mtime_ns == mtime
