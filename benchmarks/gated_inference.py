@@ -117,6 +117,11 @@ def parse_args(argv=None):
         "'onednn' (gathers and oneDNN, as larger maps), instead of the "
         'compiled gathered_gemm')
     parser.add_argument(
+        '--uncompiled', action='store_true',
+        help="also time skip execution without mmgated's compiled "
+        'operations (gating modules and weight-bound convolutions in '
+        'PyTorch operations, as without a C compiler)')
+    parser.add_argument(
         '--gate-position', default='after_conv2',
         choices=['after_conv1', 'after_conv2', 'both'],
         help='gate position of Bottleneck blocks (ignored with '
@@ -381,6 +386,22 @@ def weight_bound_way(way, run):
     return wrapped
 
 
+def uncompiled(run):
+    """``run`` without mmgated's compiled operations (their PyTorch
+    fallbacks), restored afterwards."""
+    from mmgated.ops import native
+
+    def wrapped():
+        saved = native._library
+        native._library = False
+        try:
+            return run()
+        finally:
+            native._library = saved
+
+    return wrapped
+
+
 def benchmark(name, device, batch_size, args):
     from mmgated.models import set_gate_execution
     dense, gated = build_pair(name, args)
@@ -410,6 +431,9 @@ def benchmark(name, device, batch_size, args):
         for way in args.weight_bound:
             networks[f'{way} {label}'] = weight_bound_way(
                 way, skip_control.call(x, value, seed))
+        if args.uncompiled:
+            networks[f'uncompiled {label}'] = uncompiled(
+                skip_control.call(x, value, seed))
     times = time_networks(networks, device, args.repeats, args.warmup,
                           args.seed, args.clock)
     rows = []
@@ -427,7 +451,7 @@ def benchmark(name, device, batch_size, args):
                 given_realized=(dense_ms / given_ms) / (dense_macs / macs))
         ways = {
             f'{way}_ms': times[f'{way} {label}']['median']
-            for way in args.weight_bound
+            for way in args.weight_bound + ['uncompiled'] * args.uncompiled
         }
         rows.append(
             OrderedDict(
@@ -462,8 +486,12 @@ def markdown(rows):
     given = any('given_ms' in r for r in rows)
     extra = ' skip, given gates ms | realized, given gates |' if given \
         else ''
-    ways = [w for w in WEIGHT_BOUND_WAYS if any(f'{w}_ms' in r for r in rows)]
-    extra += ''.join(f' skip, weight-bound by {w} ms |' for w in ways)
+    ways = [
+        w for w in WEIGHT_BOUND_WAYS + ('uncompiled', )
+        if any(f'{w}_ms' in r for r in rows)
+    ]
+    extra += ''.join(f' skip, weight-bound by {w} ms |' if w != 'uncompiled'
+                     else ' skip, uncompiled ms |' for w in ways)
     lines = [
         '| model | input | device | batch | gates open | dense ms | '
         'mask ms | skip ms | MAC ratio | dense/skip | realized | '

@@ -127,22 +127,37 @@ def test_weight_bound_ways(monkeypatch):
         return original_conv(plan, j, h, *args)
 
     monkeypatch.setattr(skip_execution._Plan, '_gathered_product', spy)
+    native = importlib.import_module('mmgated.ops.native')
+    compiled_gates = []
+    original_record = ChannelGate._record
+
+    def record(gate, logits, probs, relaxed, gates):
+        compiled_gates.append(native._library is not False)
+        return original_record(gate, logits, probs, relaxed, gates)
+
+    monkeypatch.setattr(ChannelGate, '_record', record)
     rows = gated_inference.main([
         '--models', 'resnet34', '--batch-sizes', '1', '--size', '32',
         '--repeats', '1', '--warmup', '0', '--densities', '0.5',
-        '--threads', '1', '--weight-bound', 'pytorch', 'onednn'
+        '--threads', '1', '--weight-bound', 'pytorch', 'onednn',
+        '--uncompiled'
     ])
+    # --uncompiled runs its gating modules with the library switched off,
+    # and switches it back on.
+    assert False in compiled_gates and native._library is not False
     # One timed call each: 'pytorch' swaps the product, 'onednn' never
-    # reaches it, so the compiled one ran only for the plain skip network.
-    assert used.count('gathered_gemm') == used.count(
+    # reaches it, 'uncompiled' runs the compiled one's fallback inside.
+    assert used.count('gathered_gemm') == 2 * used.count(
         'gathered_gemm_reference') > 0
     assert set(used) == {'gathered_gemm', 'gathered_gemm_reference'}
     assert skip_execution.gathered_gemm.__name__ == 'gathered_gemm'
     assert skip_execution.WEIGHT_BOUND_PIXELS == 64
     row, = rows
     assert row['pytorch_ms'] > 0 and row['onednn_ms'] > 0
+    assert row['uncompiled_ms'] > 0
     table = gated_inference.markdown(rows)
-    assert 'weight-bound by pytorch ms | skip, weight-bound by onednn' in table
+    assert ('weight-bound by pytorch ms | skip, weight-bound by onednn ms '
+            '| skip, uncompiled ms |') in table
     assert len(table.splitlines()[1].split('|')) == len(
         table.splitlines()[2].split('|'))
 

@@ -1,15 +1,15 @@
-"""gathered_gemm: the compiled product against convolutions and PyTorch."""
+"""The compiled operations against convolutions, layers and PyTorch."""
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mmgated.ops import (gathered_gemm, gathered_gemm_reference,
-                         native_available)
+from mmgated.models import ChannelGate
+from mmgated.ops import (gate_logits, gate_logits_reference, gathered_gemm,
+                         gathered_gemm_reference, native_available)
 
-# The module, which the package's function of the same name hides.
-gathered_gemm_module = importlib.import_module('mmgated.ops.gathered_gemm')
+native_module = importlib.import_module('mmgated.ops.native')
 
 
 def _subset(size, fraction, generator):
@@ -17,7 +17,7 @@ def _subset(size, fraction, generator):
         1, round(size * fraction))].sort()[0]
 
 
-@pytest.mark.parametrize('native', [True, False])
+@pytest.mark.parametrize('compiled', [True, False])
 @pytest.mark.parametrize(
     'in_channels, out_channels, size, kernel, stride, dilation',
     [
@@ -27,11 +27,11 @@ def _subset(size, fraction, generator):
         (300, 13, 5, 1, 1, 1),  # 1x1, more rows of cols than one pass
     ])
 def test_convolution_of_open_channels(in_channels, out_channels, size, kernel,
-                                      stride, dilation, native, monkeypatch):
+                                      stride, dilation, compiled, monkeypatch):
     """im2col + gathered_gemm over the open input and output channels is
     the convolution of those channels (F.conv2d on gathered tensors)."""
-    if not native:
-        monkeypatch.setattr(gathered_gemm_module, '_library', False)
+    if not compiled:
+        monkeypatch.setattr(native_module, '_library', False)
     elif not native_available():
         pytest.skip('no C compiler')
     gen = torch.Generator().manual_seed(in_channels)
@@ -110,7 +110,7 @@ def test_bad_arguments():
 
 def test_without_a_compiler(monkeypatch, tmp_path):
     """No compiler that works: a warning, and the PyTorch version."""
-    monkeypatch.setattr(gathered_gemm_module, '_library', None)
+    monkeypatch.setattr(native_module, '_library', None)
     monkeypatch.setenv('MMGATED_CACHE', str(tmp_path))
     monkeypatch.setenv('CC', 'false')  # a "compiler" that always fails
     with pytest.warns(UserWarning, match='could not compile'):
@@ -119,21 +119,75 @@ def test_without_a_compiler(monkeypatch, tmp_path):
     weight, cols = torch.randn(4, 18), torch.randn(18, 5)
     torch.testing.assert_close(
         gathered_gemm(weight, cols, 9), weight @ cols)
+    x = torch.randn(2, 3, 4, 4)
+    fc = (torch.randn(5, 3), torch.randn(5), torch.randn(6, 5), torch.randn(6))
+    torch.testing.assert_close(gate_logits(x, *fc),
+                               gate_logits_reference(x, *fc))
     # Switched off by the environment: no build is tried.
-    monkeypatch.setattr(gathered_gemm_module, '_library', None)
+    monkeypatch.setattr(native_module, '_library', None)
     monkeypatch.setenv('MMGATED_NATIVE', '0')
     assert not native_available()
 
 
 def test_built_once_into_the_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr(gathered_gemm_module, '_library', None)
+    monkeypatch.setattr(native_module, '_library', None)
     monkeypatch.setenv('MMGATED_CACHE', str(tmp_path))
     if not native_available():
         pytest.skip('no C compiler')
-    built = list(tmp_path.rglob('gathered_gemm-*.so'))
+    built = list(tmp_path.rglob('mmgated_ops-*.so'))
     assert len(built) == 1
     # A new process (here: a reset) loads the cached library.
-    monkeypatch.setattr(gathered_gemm_module, '_library', None)
+    monkeypatch.setattr(native_module, '_library', None)
     mtime = built[0].stat().st_mtime_ns
     assert native_available()
     assert built[0].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize('compiled', [True, False])
+@pytest.mark.parametrize('n, c, size, hidden, out', [(1, 64, 7, 16, 64),
+                                                     (3, 5, 1, 2, 9),
+                                                     (2, 33, 10, 16, 70)])
+def test_gate_logits_is_the_gating_module(n, c, size, hidden, out, compiled,
+                                          monkeypatch):
+    """The fused inference equals the gating module's layers (pool, FC, BN,
+    ReLU, FC) in eval mode, with gates exactly where the logits are > 0."""
+    if not compiled:
+        monkeypatch.setattr(native_module, '_library', False)
+    elif not native_available():
+        pytest.skip('no C compiler')
+    gen = torch.Generator().manual_seed(c)
+    gate = ChannelGate(c, out, hidden_channels=hidden).eval()
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        gate.norm.running_mean.copy_(torch.randn(hidden, generator=gen))
+        gate.norm.running_var.copy_(torch.rand(hidden, generator=gen) + 0.5)
+        x = torch.randn(n, c, size, size, generator=gen)
+        expected = gate.fc2(
+            torch.relu(
+                gate.norm(gate.fc1(x.mean((2, 3)))[:, :, None,
+                                                   None]).flatten(1)))
+        logits, gates = gate_logits(x, *gate._folded_inference())
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gates, (logits > 0).float())
+    # Inputs the compiled version does not take go through PyTorch.
+    with torch.no_grad():
+        logits64, _ = gate_logits(x.double(), *(
+            t.double() for t in gate._folded_inference()))
+    torch.testing.assert_close(logits64.float(), expected, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_gate_logits_bad_shapes():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match='do not fit'):
+        gate_logits(x, torch.randn(5, 4), torch.randn(5), torch.randn(6, 5),
+                    torch.randn(6))
+    with pytest.raises(ValueError, match='do not fit'):
+        gate_logits(x, torch.randn(5, 3), torch.randn(5), torch.randn(6, 4),
+                    torch.randn(6))
+    if native_available():
+        with pytest.raises(ValueError, match='fc2_weight must be a '
+                           'contiguous'):
+            gate_logits(x, torch.randn(5, 3), torch.randn(5),
+                        torch.randn(5, 6).t(), torch.randn(6))

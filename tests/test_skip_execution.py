@@ -198,9 +198,9 @@ def test_weight_bound_layers_read_weights_in_place(key, native, monkeypatch):
     pixels run as im2col and gathered_gemm (compiled, or its PyTorch
     fallback), larger ones as before; both equal mask execution."""
     import importlib
-    ops_module = importlib.import_module('mmgated.ops.gathered_gemm')
     if not native:
-        monkeypatch.setattr(ops_module, '_library', False)
+        monkeypatch.setattr(importlib.import_module('mmgated.ops.native'),
+                            '_library', False)
     calls = []
     original = skip_execution.gathered_gemm
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, is_model_wrapper
 
+from ..ops import gate_logits
 from .folding import bn_scale_shift, cached_on
 
 GATE_CFG_DEFAULTS = dict(
@@ -263,18 +264,14 @@ class ChannelGate(BaseModule):
         """
         tracing = torch.jit.is_tracing()
         if not (self.training or torch.is_grad_enabled() or tracing):
-            # Inference: BN folded into fc1 and the pooling's 1/(H*W) into
-            # the product. (Traced, for the MAC counters, the gate runs as
-            # the layers the paper counts.)
+            # Inference: BN folded into fc1, the whole module one compiled
+            # call where it can be (mmgated.ops.gate_logits). (Traced, for
+            # the MAC counters, the gate runs as the layers the paper
+            # counts.)
             folded = self._folded_inference()
             if folded is not None:
-                fc1_weight, fc1_bias, fc2_weight = folded
-                hidden = torch.addmm(fc1_bias, x.sum(dim=(2, 3)), fc1_weight,
-                                     alpha=1.0 / (x.shape[2] * x.shape[3]))
-                logits = torch.addmm(self._modules['fc2'].bias,
-                                     hidden.relu_(), fc2_weight)
-                return self._record(logits, None, None,
-                                    (logits > 0).to(logits.dtype))
+                logits, gates = gate_logits(x, *folded)
+                return self._record(logits, None, None, gates)
         if tracing:
             # The MAC counters count the pooling as an aten::mean.
             pooled = x.mean(dim=(2, 3))
@@ -304,22 +301,23 @@ class ChannelGate(BaseModule):
         return gates
 
     def _folded_inference(self):
-        """``(fc1 weight, fc1 bias, fc2 weight)`` for inference: fc1 with
-        the eval-mode BN folded in, the weights transposed to the operand
-        order of ``addmm``; cached until a parameter or statistic changes.
-        ``None`` for a norm that is not a BN with running statistics."""
+        """``(fc1 weight, fc1 bias, fc2 weight, fc2 bias)`` for inference:
+        fc1 with the eval-mode BN folded in, all contiguous; cached until a
+        parameter or statistic changes. ``None`` for a norm that is not a
+        BN with running statistics."""
         norm = self.norm
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm) \
                 or norm.running_mean is None:
             return None
+        fc1, fc2 = self.fc1, self.fc2
 
         def build():
             scale, shift = bn_scale_shift(norm)
-            return ((self.fc1.weight * scale[:, None]).t(), shift,
-                    self.fc2.weight.t())
+            return (fc1.weight * scale[:, None], shift.contiguous(),
+                    fc2.weight.contiguous(), fc2.bias.contiguous())
 
         return cached_on(self, '_folded',
-                         (self.fc1.weight, self.fc2.weight, norm.running_mean,
+                         (fc1.weight, fc2.weight, fc2.bias, norm.running_mean,
                           norm.running_var, norm.weight, norm.bias), build)
 
     def _forced_gates(self, logits: torch.Tensor) -> torch.Tensor:

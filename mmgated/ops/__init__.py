@@ -1,5 +1,9 @@
-"""Compiled operations (built on first use, with a PyTorch fallback)."""
-from .gathered_gemm import (gathered_gemm, gathered_gemm_reference,
-                            native_available)
+"""Compiled operations (built on first use, with PyTorch fallbacks)."""
+from .gate_logits import gate_logits, gate_logits_reference
+from .gathered_gemm import gathered_gemm, gathered_gemm_reference
+from .native import native_available
 
-__all__ = ['gathered_gemm', 'gathered_gemm_reference', 'native_available']
+__all__ = [
+    'gate_logits', 'gate_logits_reference', 'gathered_gemm',
+    'gathered_gemm_reference', 'native_available'
+]

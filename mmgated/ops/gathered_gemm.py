@@ -16,138 +16,29 @@ selected weights) plus oneDNN's reorder of the gathered copy (another) cost
 more than the product itself; skip execution uses this product there (see
 :mod:`mmgated.models.skip_execution`).
 
-The product runs as a small C function (``csrc/gathered_gemm.c``) that is
-compiled with the system C compiler the first time it is needed and cached in
-``$MMGATED_CACHE/ops`` (default ``~/.cache/mmgated/ops``), keyed by the source,
-the flags and the CPU. Where no compiler works, :func:`native_available` is
-False and :func:`gathered_gemm` computes the same with PyTorch operations.
-``MMGATED_NATIVE=0`` turns the compiled version off.
+The product runs as a small C function (``csrc/gathered_gemm.c``, built on
+first use, see :mod:`mmgated.ops.native`); without it,
+:func:`gathered_gemm_reference` computes the same with PyTorch operations.
 """
 import ctypes
-import hashlib
-import os
-import os.path as osp
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
-import warnings
 from typing import Optional
 
 import torch
 
-_SOURCE = osp.join(osp.dirname(__file__), 'csrc', 'gathered_gemm.c')
-# Tried in order; the first set the compiler accepts is used. Without
-# -march=native there is no AVX-512 tile; without -fopenmp one thread.
-_FLAG_SETS = (
-    ('-O3', '-march=native', '-fopenmp'),
-    ('-O3', '-fopenmp'),
-    ('-O3', ),
-)
-_library = None  # the loaded library, False after a failed build
+from .native import check_tensor, native_function, pointer
 
 
-def _cache_dir() -> str:
-    root = os.environ.get('MMGATED_CACHE') or osp.join(
-        osp.expanduser('~'), '.cache', 'mmgated')
-    return osp.join(root, 'ops')
-
-
-def _cpu_signature() -> str:
-    """What -march=native compiles for: the machine and its CPU flags."""
-    flags = ''
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith(('flags', 'Features')):
-                    flags = line
-                    break
-    except OSError:
-        pass
-    return platform.machine() + flags
-
-
-def _compile(compiler: str, flags, target: str) -> bool:
-    """Compile the source into ``target`` (atomically); True on success,
-    False if the compiler refuses or the cache cannot be written."""
-    try:
-        os.makedirs(osp.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix='.so', dir=osp.dirname(target))
-        os.close(fd)
-    except OSError:
-        return False
-    try:
-        result = subprocess.run(
-            [*shlex.split(compiler), *flags, '-shared', '-fPIC', _SOURCE,
-             '-o', tmp],
-            capture_output=True, text=True)
-        if result.returncode != 0:
-            return False
-        os.replace(tmp, target)  # concurrent builders write the same file
-        return True
-    except OSError:
-        return False
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
-
-
-def _load():
-    """The compiled library, building it on first use; None if it cannot
-    be had (no compiler, ``MMGATED_NATIVE=0``)."""
-    global _library
-    if _library is not None:
-        return _library or None
-    _library = False
-    if os.environ.get('MMGATED_NATIVE', '1') == '0':
-        return None
-    compiler = os.environ.get('CC') or shutil.which('cc') or shutil.which(
-        'gcc')
-    if compiler is None:
-        warnings.warn('mmgated: no C compiler found; skip execution uses '
-                      'PyTorch operations for weight-bound convolutions')
-        return None
-    with open(_SOURCE, 'rb') as f:
-        source = f.read()
-    for flags in _FLAG_SETS:
-        key = hashlib.sha1(b'\0'.join([
-            source, ' '.join((compiler, ) + flags).encode(),
-            _cpu_signature().encode()
-        ])).hexdigest()[:16]
-        target = osp.join(_cache_dir(), f'gathered_gemm-{key}.so')
-        if osp.exists(target) or _compile(compiler, flags, target):
-            try:
-                library = ctypes.CDLL(target)
-            except OSError:
-                continue
-            library.gathered_gemm.restype = ctypes.c_int
-            library.gathered_gemm.argtypes = [
-                ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-                ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
-                ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int,
-                ctypes.c_void_p, ctypes.c_int
-            ]
-            _library = library
-            return library
-    warnings.warn(f'mmgated: {compiler} could not compile {_SOURCE}; skip '
-                  'execution uses PyTorch operations for weight-bound '
-                  'convolutions')
-    return None
-
-
-def native_available() -> bool:
-    """Whether the compiled product can be used (building it if needed)."""
-    return _load() is not None
+# The compiled function's argument types, in the order of its C signature.
+_ARGTYPES = [
+    ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+    ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+    ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+    ctypes.c_int
+]
 
 
 def _check(name, tensor, dtype, dim):
-    if tensor.dtype != dtype or tensor.dim() != dim \
-            or tensor.device.type != 'cpu' or not tensor.is_contiguous():
-        raise ValueError(
-            f'gathered_gemm: {name} must be a contiguous {dim}-d {dtype} CPU '
-            f'tensor, got {tuple(tensor.shape)} {tensor.dtype} on '
-            f'{tensor.device} (contiguous: {tensor.is_contiguous()})')
+    check_tensor('gathered_gemm', name, tensor, dtype, dim)
 
 
 def _check_index(name, index, size):
@@ -206,20 +97,16 @@ def gathered_gemm(weight: torch.Tensor,
         if bias.numel() != weight.shape[0]:
             raise ValueError(f'gathered_gemm: bias has {bias.numel()} '
                              f'values for {weight.shape[0]} weight rows')
-    library = _load()
-    if library is None:
+    function = native_function('gathered_gemm', _ARGTYPES, ctypes.c_int)
+    if function is None:
         return gathered_gemm_reference(weight, cols, group, rows, col_groups,
                                        bias, relu)
     m = weight.shape[0] if rows is None else rows.numel()
     out = cols.new_empty((m, cols.shape[1]))
-
-    def ptr(t):
-        return None if t is None else t.data_ptr()
-
-    status = library.gathered_gemm(
-        ptr(weight), weight.shape[1], ptr(rows), m, ptr(col_groups), k,
-        group, ptr(cols), cols.shape[1], ptr(bias), int(relu), ptr(out),
-        torch.get_num_threads())
+    ptr = pointer
+    status = function(ptr(weight), weight.shape[1], ptr(rows), m,
+                      ptr(col_groups), k, group, ptr(cols), cols.shape[1],
+                      ptr(bias), int(relu), ptr(out), torch.get_num_threads())
     if status != 0:
         raise MemoryError('gathered_gemm: out of memory')
     return out

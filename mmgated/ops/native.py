@@ -1,0 +1,145 @@
+"""Build and load mmgated's compiled operations.
+
+The C sources in ``csrc/`` are compiled into one shared library with the
+system C compiler the first time an operation needs it, and cached in
+``$MMGATED_CACHE/ops`` (default ``~/.cache/mmgated/ops``), keyed by the
+sources, the flags and the CPU (``-march=native``). The library links
+against the OpenMP runtime that torch has already loaded. Where no compiler
+works, :func:`native_library` is None and the operations compute the same
+with PyTorch operations; ``MMGATED_NATIVE=0`` turns the compiled versions
+off.
+"""
+import ctypes
+import glob
+import hashlib
+import os
+import os.path as osp
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+_SOURCES = sorted(glob.glob(osp.join(osp.dirname(__file__), 'csrc', '*.c')))
+# Tried in order; the first set the compiler accepts is used. Without
+# -march=native there are no AVX-512 tiles; without -fopenmp one thread.
+_FLAG_SETS = (
+    ('-O3', '-march=native', '-fopenmp'),
+    ('-O3', '-fopenmp'),
+    ('-O3', ),
+)
+_library = None  # the loaded library, False after a failed build
+
+
+def _cache_dir() -> str:
+    root = os.environ.get('MMGATED_CACHE') or osp.join(
+        osp.expanduser('~'), '.cache', 'mmgated')
+    return osp.join(root, 'ops')
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the machine and its CPU flags."""
+    flags = ''
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith(('flags', 'Features')):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _compile(compiler: str, flags, target: str) -> bool:
+    """Compile the sources into ``target`` (atomically); True on success,
+    False if the compiler refuses or the cache cannot be written."""
+    try:
+        os.makedirs(osp.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix='.so', dir=osp.dirname(target))
+        os.close(fd)
+    except OSError:
+        return False
+    try:
+        result = subprocess.run(
+            [*shlex.split(compiler), *flags, '-shared', '-fPIC', *_SOURCES,
+             '-o', tmp],
+            capture_output=True, text=True)
+        if result.returncode != 0:
+            return False
+        os.replace(tmp, target)  # concurrent builders write the same file
+        return True
+    except OSError:
+        return False
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+
+
+def native_library():
+    """The compiled library (``ctypes.CDLL``), building it on first use;
+    None if it cannot be had (no compiler, ``MMGATED_NATIVE=0``)."""
+    global _library
+    if _library is not None:
+        return _library or None
+    _library = False
+    if os.environ.get('MMGATED_NATIVE', '1') == '0':
+        return None
+    compiler = os.environ.get('CC') or shutil.which('cc') or shutil.which(
+        'gcc')
+    if compiler is None:
+        warnings.warn('mmgated: no C compiler found; its compiled operations '
+                      'run as PyTorch operations (slower)')
+        return None
+    sources = b''.join(open(path, 'rb').read() for path in _SOURCES)
+    for flags in _FLAG_SETS:
+        key = hashlib.sha1(b'\0'.join([
+            sources, ' '.join((compiler, ) + flags).encode(),
+            _cpu_signature().encode()
+        ])).hexdigest()[:16]
+        target = osp.join(_cache_dir(), f'mmgated_ops-{key}.so')
+        if osp.exists(target) or _compile(compiler, flags, target):
+            try:
+                _library = ctypes.CDLL(target)
+            except OSError:
+                continue
+            return _library
+    warnings.warn(f'mmgated: {compiler} could not compile {_SOURCES}; its '
+                  'compiled operations run as PyTorch operations (slower)')
+    return None
+
+
+def native_function(name: str, argtypes, restype=None):
+    """The compiled function ``name`` with its ctypes signature set, or
+    None without the library."""
+    library = native_library()
+    if library is None:
+        return None
+    function = getattr(library, name)
+    if function.argtypes is None:
+        function.restype = restype
+        function.argtypes = argtypes
+    return function
+
+
+def native_available() -> bool:
+    """Whether the compiled operations can be used (building them if
+    needed)."""
+    return native_library() is not None
+
+
+def check_tensor(op: str, name: str, tensor, dtype, dim: int) -> None:
+    """Raise ``ValueError`` unless ``tensor`` is a contiguous ``dim``-d
+    ``dtype`` CPU tensor, as the compiled operations read it."""
+    if tensor.dtype != dtype or tensor.dim() != dim \
+            or tensor.device.type != 'cpu' or not tensor.is_contiguous():
+        raise ValueError(
+            f'{op}: {name} must be a contiguous {dim}-d {dtype} CPU tensor, '
+            f'got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device} '
+            f'(contiguous: {tensor.is_contiguous()})')
+
+
+def pointer(tensor):
+    """The data pointer of ``tensor`` for a ctypes call (None for None)."""
+    return None if tensor is None else tensor.data_ptr()
