@@ -364,42 +364,34 @@ class GateControl:
                 for gate in self.gates}
 
 
-def weight_bound_way(way, run):
-    """``run`` with skip execution's weight-bound convolutions computed by
-    ``way`` (see ``--weight-bound``), restored afterwards."""
+def patched(run, module, **values):
+    """``run`` with attributes of ``module`` set to ``values`` during each
+    call (see ``--weight-bound`` and ``--uncompiled``), restored after."""
+
+    def wrapped():
+        saved = {name: getattr(module, name) for name in values}
+        for name, value in values.items():
+            setattr(module, name, value)
+        try:
+            return run()
+        finally:
+            for name, value in saved.items():
+                setattr(module, name, value)
+
+    return wrapped
+
+
+def other_ways(args):
+    """The networks' variants that --weight-bound and --uncompiled ask for:
+    label -> (module, attributes to set)."""
     from mmgated.models import skip_execution
-    from mmgated.ops import gathered_gemm_reference
-
-    def wrapped():
-        saved = (skip_execution.gathered_gemm,
-                 skip_execution.WEIGHT_BOUND_PIXELS)
-        if way == 'pytorch':
-            skip_execution.gathered_gemm = gathered_gemm_reference
-        else:
-            skip_execution.WEIGHT_BOUND_PIXELS = 0
-        try:
-            return run()
-        finally:
-            (skip_execution.gathered_gemm,
-             skip_execution.WEIGHT_BOUND_PIXELS) = saved
-
-    return wrapped
-
-
-def uncompiled(run):
-    """``run`` without mmgated's compiled operations (their PyTorch
-    fallbacks), restored afterwards."""
-    from mmgated.ops import native
-
-    def wrapped():
-        saved = native._library
-        native._library = False
-        try:
-            return run()
-        finally:
-            native._library = saved
-
-    return wrapped
+    from mmgated.ops import gathered_gemm_reference, native
+    ways = dict(
+        pytorch=(skip_execution, dict(gathered_gemm=gathered_gemm_reference)),
+        onednn=(skip_execution, dict(WEIGHT_BOUND_PIXELS=0)),
+        uncompiled=(native, dict(_library=False)))
+    labels = args.weight_bound + ['uncompiled'] * args.uncompiled
+    return {label: ways[label] for label in labels}
 
 
 def benchmark(name, device, batch_size, args):
@@ -428,12 +420,9 @@ def benchmark(name, device, batch_size, args):
         if args.given_gates:
             networks[f'given {label}'] = skip_control.call(
                 x, None, None, given=skip_control.record(x, value, seed))
-        for way in args.weight_bound:
-            networks[f'{way} {label}'] = weight_bound_way(
-                way, skip_control.call(x, value, seed))
-        if args.uncompiled:
-            networks[f'uncompiled {label}'] = uncompiled(
-                skip_control.call(x, value, seed))
+        for way, (module, values) in other_ways(args).items():
+            networks[f'{way} {label}'] = patched(
+                skip_control.call(x, value, seed), module, **values)
     times = time_networks(networks, device, args.repeats, args.warmup,
                           args.seed, args.clock)
     rows = []
@@ -451,7 +440,7 @@ def benchmark(name, device, batch_size, args):
                 given_realized=(dense_ms / given_ms) / (dense_macs / macs))
         ways = {
             f'{way}_ms': times[f'{way} {label}']['median']
-            for way in args.weight_bound + ['uncompiled'] * args.uncompiled
+            for way in other_ways(args)
         }
         rows.append(
             OrderedDict(
