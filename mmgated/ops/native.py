@@ -92,7 +92,10 @@ def native_library():
         warnings.warn('mmgated: no C compiler found; its compiled operations '
                       'run as PyTorch operations (slower)')
         return None
-    sources = b''.join(open(path, 'rb').read() for path in _SOURCES)
+    sources = b''
+    for path in _SOURCES:
+        with open(path, 'rb') as f:
+            sources += f.read()
     for flags in _FLAG_SETS:
         key = hashlib.sha1(b'\0'.join([
             sources, ' '.join((compiler, ) + flags).encode(),
