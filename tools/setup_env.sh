@@ -71,7 +71,7 @@ build_mmcv_wheel() {
   local pkg="$src_dir/mmcv-$MMCV_VERSION"
   # torch >= 2.14 headers refuse anything older than C++20.
   sed -i 's/-std=c++17/-std=c++20/g' "$pkg/setup.py"
-  step "building mmcv $MMCV_VERSION with ops ($VARIANT); about 11 min on 2 cores; log: $log"
+  step "building mmcv $MMCV_VERSION with ops ($VARIANT); 11-21 min on 2 cores; log: $log"
   (
     cd "$pkg"
     MMCV_WITH_OPS=1 FORCE_CUDA="$FORCE_CUDA" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
