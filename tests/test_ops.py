@@ -183,6 +183,9 @@ def test_gate_logits_bad_shapes():
     with pytest.raises(ValueError, match='do not fit'):
         gate_logits(x, torch.randn(5, 4), torch.randn(5), torch.randn(6, 5),
                     torch.randn(6))
+    with pytest.raises(ValueError, match=r'x \(3,\), .* do not fit'):
+        gate_logits(torch.randn(3), torch.randn(5, 3), torch.randn(5),
+                    torch.randn(6, 5), torch.randn(6))
     with pytest.raises(ValueError, match='do not fit'):
         gate_logits(x, torch.randn(5, 3), torch.randn(5), torch.randn(6, 4),
                     torch.randn(6))

@@ -1,5 +1,6 @@
 """Skip execution (compute open channels only) against mask execution."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -197,7 +198,6 @@ def test_weight_bound_layers_read_weights_in_place(key, native, monkeypatch):
     """At batch 1, convolutions with at most WEIGHT_BOUND_PIXELS output
     pixels run as im2col and gathered_gemm (compiled, or its PyTorch
     fallback), larger ones as before; both equal mask execution."""
-    import importlib
     if not native:
         monkeypatch.setattr(importlib.import_module('mmgated.ops.native'),
                             '_library', False)

@@ -61,7 +61,7 @@ def gate_logits(x: torch.Tensor, fc1_weight: torch.Tensor,
     Raises:
         ValueError: Shapes that do not fit together.
     """
-    n, c = x.shape[:2]
+    n, c = x.shape[:2] if x.dim() == 4 else (0, 0)
     hidden, out = fc1_weight.shape[0], fc2_weight.shape[0]
     if x.dim() != 4 or fc1_weight.shape != (hidden, c) \
             or fc1_bias.shape != (hidden, ) \
