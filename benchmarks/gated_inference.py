@@ -117,10 +117,16 @@ def parse_args(argv=None):
         "'onednn' (gathers and oneDNN, as larger maps), instead of the "
         'compiled gathered_gemm')
     parser.add_argument(
+        '--no-direct', action='store_true',
+        help='also time skip execution without mmgated.ops.gathered_conv2d: '
+        "a single sample's stride-1 convolutions gather their open weights "
+        'and run by oneDNN (or gathered_gemm on small maps), as before it '
+        'existed')
+    parser.add_argument(
         '--uncompiled', action='store_true',
         help="also time skip execution without mmgated's compiled "
-        'operations (gating modules and weight-bound convolutions in '
-        'PyTorch operations, as without a C compiler)')
+        'operations (gating modules and convolutions in PyTorch '
+        'operations, as without a C compiler)')
     parser.add_argument(
         '--gate-position', default='after_conv2',
         choices=['after_conv1', 'after_conv2', 'both'],
@@ -389,8 +395,12 @@ def other_ways(args):
     ways = dict(
         pytorch=(skip_execution, dict(gathered_gemm=gathered_gemm_reference)),
         onednn=(skip_execution, dict(WEIGHT_BOUND_PIXELS=0)),
+        no_direct=(skip_execution._Plan,
+                   dict(direct=lambda plan, *args, **kwargs: False)),
         uncompiled=(native, dict(_library=False)))
-    labels = args.weight_bound + ['uncompiled'] * args.uncompiled
+    labels = args.weight_bound + ['no_direct'] * args.no_direct + [
+        'uncompiled'
+    ] * args.uncompiled
     return {label: ways[label] for label in labels}
 
 
@@ -476,11 +486,14 @@ def markdown(rows):
     extra = ' skip, given gates ms | realized, given gates |' if given \
         else ''
     ways = [
-        w for w in WEIGHT_BOUND_WAYS + ('uncompiled', )
+        w for w in WEIGHT_BOUND_WAYS + ('no_direct', 'uncompiled')
         if any(f'{w}_ms' in r for r in rows)
     ]
-    extra += ''.join(f' skip, weight-bound by {w} ms |' if w != 'uncompiled'
-                     else ' skip, uncompiled ms |' for w in ways)
+    titles = dict(no_direct='skip, no direct convs ms',
+                  uncompiled='skip, uncompiled ms')
+    extra += ''.join(
+        f' {titles.get(w, f"skip, weight-bound by {w} ms")} |'
+        for w in ways)
     lines = [
         '| model | input | device | batch | gates open | dense ms | '
         'mask ms | skip ms | MAC ratio | dense/skip | realized | '

@@ -114,20 +114,41 @@ def test_gated_inference_rows(tmp_path):
     assert len(table.splitlines()) == 2 + len(rows)
 
 
-def test_weight_bound_ways(monkeypatch):
-    """--weight-bound times skip execution with its weight-bound layers
-    computed by PyTorch or oneDNN instead of the compiled product, and
-    puts the library back as it was after each call."""
+def test_other_ways(monkeypatch):
+    """--weight-bound, --no-direct and --uncompiled time skip execution
+    with parts of the library swapped or switched off, and put the library
+    back as it was after each call."""
     from mmgated.models import skip_execution
-    used = []
-    original_conv = skip_execution._Plan._gathered_product
-
-    def spy(plan, j, h, *args):
-        used.append(skip_execution.gathered_gemm.__name__)
-        return original_conv(plan, j, h, *args)
-
-    monkeypatch.setattr(skip_execution._Plan, '_gathered_product', spy)
     native = importlib.import_module('mmgated.ops.native')
+    original_direct = skip_execution._Plan.direct
+    # (the gathered product used, compiled operations on, direct convs on)
+    products = []
+    original_product = skip_execution._Plan._gathered_product
+
+    def product(plan, j, h, *args):
+        products.append((skip_execution.gathered_gemm.__name__,
+                         native._library is not False,
+                         type(plan).direct is original_direct))
+        return original_product(plan, j, h, *args)
+
+    monkeypatch.setattr(skip_execution._Plan, '_gathered_product', product)
+    # Whether _Plan.direct was switched off when a layer ran, and when
+    # gathered_conv2d ran.
+    layers, direct_convs = [], []
+    original_layer = skip_execution._Plan.sparse_layer
+    original_conv = skip_execution.gathered_conv2d
+
+    def sparse_layer(plan, *args):
+        layers.append(type(plan).direct is not original_direct)
+        return original_layer(plan, *args)
+
+    def conv(*args, **kwargs):
+        direct_convs.append(skip_execution._Plan.direct is not
+                            original_direct)
+        return original_conv(*args, **kwargs)
+
+    monkeypatch.setattr(skip_execution._Plan, 'sparse_layer', sparse_layer)
+    monkeypatch.setattr(skip_execution, 'gathered_conv2d', conv)
     compiled_gates = []
     original_record = ChannelGate._record
 
@@ -140,24 +161,31 @@ def test_weight_bound_ways(monkeypatch):
         '--models', 'resnet34', '--batch-sizes', '1', '--size', '32',
         '--repeats', '1', '--warmup', '0', '--densities', '0.5',
         '--threads', '1', '--weight-bound', 'pytorch', 'onednn',
-        '--uncompiled'
+        '--no-direct', '--uncompiled'
     ])
     # --uncompiled runs its gating modules with the library switched off,
     # and switches it back on.
     assert False in compiled_gates and native._library is not False
-    # One timed call each: 'pytorch' swaps the product, 'onednn' never
-    # reaches it, 'uncompiled' runs the compiled one's fallback inside.
-    assert used.count('gathered_gemm') == 2 * used.count(
-        'gathered_gemm_reference') > 0
-    assert set(used) == {'gathered_gemm', 'gathered_gemm_reference'}
+    # 'pytorch' swaps the product of the strided small convs, as many calls
+    # as with the compiled one; without direct convs and uncompiled (with
+    # the compiled product's fallback inside), the small stride-1 convs run
+    # as the product too.
+    compiled = products.count(('gathered_gemm', True, True))
+    assert compiled > 0 and products.count(
+        ('gathered_gemm_reference', True, True)) == compiled
+    assert products.count(('gathered_gemm', True, False)) > compiled
+    assert products.count(('gathered_gemm', False, True)) > compiled
+    # --no-direct ran layers without ever reaching gathered_conv2d.
+    assert True in layers and direct_convs and True not in direct_convs
     assert skip_execution.gathered_gemm.__name__ == 'gathered_gemm'
     assert skip_execution.WEIGHT_BOUND_PIXELS == 64
+    assert skip_execution._Plan.direct is original_direct
     row, = rows
-    assert row['pytorch_ms'] > 0 and row['onednn_ms'] > 0
-    assert row['uncompiled_ms'] > 0
+    for way in ('pytorch', 'onednn', 'no_direct', 'uncompiled'):
+        assert row[f'{way}_ms'] > 0
     table = gated_inference.markdown(rows)
     assert ('weight-bound by pytorch ms | skip, weight-bound by onednn ms '
-            '| skip, uncompiled ms |') in table
+            '| skip, no direct convs ms | skip, uncompiled ms |') in table
     assert len(table.splitlines()[1].split('|')) == len(
         table.splitlines()[2].split('|'))
 

@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from mmgated.models import ChannelGate
-from mmgated.ops import (gate_logits, gate_logits_reference, gathered_gemm,
-                         gathered_gemm_reference, native_available)
+from mmgated.ops import (gate_logits, gate_logits_reference,
+                         gathered_conv2d, gathered_conv2d_reference,
+                         gathered_gemm, gathered_gemm_reference,
+                         native_available)
 
 native_module = importlib.import_module('mmgated.ops.native')
 
@@ -106,6 +108,111 @@ def test_bad_arguments():
         gathered_gemm(weight, cols[:9], 9, col_groups=torch.tensor([1.0]))
     with pytest.raises(ValueError, match='bias has 3 values for 4'):
         gathered_gemm(weight, cols, 9, bias=torch.randn(3))
+
+
+# (in channels, out channels, map height, width, kernel, padding, dilation)
+CONV_GEOMETRIES = [
+    (64, 96, 7, 7, (3, 3), (1, 1), (1, 1)),  # layer 4 of a ResNet, scaled
+    (24, 30, 9, 11, (3, 3), (2, 2), (2, 2)),  # dilated (PSPNet), not square
+    (240, 7, 6, 6, (3, 3), (1, 1), (1, 1)),  # 240 * 9 taps: two passes
+    (5, 7, 13, 13, (5, 5), (2, 2), (1, 1)),  # 5x5: the taps' general loop
+    (6, 11, 9, 10, (1, 3), (0, 1), (1, 1)),  # padding along one axis only
+    (20, 16, 12, 17, (1, 1), (0, 0), (1, 1)),  # 1x1
+    (8, 9, 1, 1, (3, 3), (1, 1), (1, 1)),  # a 1x1 map: all taps but one pad
+]
+
+
+@pytest.mark.parametrize('compiled', [True, False])
+@pytest.mark.parametrize('geometry', CONV_GEOMETRIES)
+def test_gathered_conv2d_is_the_convolution(geometry, compiled, monkeypatch):
+    """gathered_conv2d over the open input and output channels, with a
+    residual and a ReLU or neither, is F.conv2d on the gathered tensors."""
+    if not compiled:
+        monkeypatch.setattr(native_module, '_library', False)
+    elif not native_available():
+        pytest.skip('no C compiler')
+    c_in, c_out, height, width, kernel, padding, dilation = geometry
+    gen = torch.Generator().manual_seed(c_in * c_out)
+    weight = torch.randn(c_out, c_in, *kernel, generator=gen)
+    bias = torch.randn(c_out, generator=gen)
+    residual = torch.randn(1, c_out, height, width, generator=gen)
+    open_in = _subset(c_in, 0.45, gen)
+    open_out = _subset(c_out, 0.6, gen)
+    for rows, col_groups, res, relu in ((open_out, open_in, None, True),
+                                        (None, open_in, residual, True),
+                                        (open_out, None, residual, False),
+                                        (None, None, None, False)):
+        channels = c_in if col_groups is None else col_groups.numel()
+        x = torch.randn(1, channels, height, width, generator=gen)
+        w = weight if rows is None else weight[rows]
+        w = w if col_groups is None else w[:, col_groups]
+        expected = F.conv2d(x, w, bias if rows is None else bias[rows], 1,
+                            padding, dilation)
+        if res is not None:
+            expected += res if rows is None else res[:, rows]
+        if relu:
+            expected = expected.relu()
+        actual = gathered_conv2d(x, weight, bias, padding, dilation, rows,
+                                 col_groups, res, relu)
+        assert actual.is_contiguous()
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gathered_conv2d_without_input_channels():
+    """No open input channel: the bias (plus the residual)."""
+    weight, bias = torch.randn(4, 6, 3, 3), torch.randn(4)
+    residual = torch.randn(1, 4, 5, 5)
+    x = torch.zeros(1, 0, 5, 5)
+    none_open = torch.zeros(0, dtype=torch.long)
+    actual = gathered_conv2d(x, weight, bias, 1, 1, col_groups=none_open,
+                             residual=residual)
+    torch.testing.assert_close(actual, bias[None, :, None, None] + residual)
+
+
+def test_portable_build(monkeypatch, tmp_path):
+    """Built without -march=native (no AVX-512 tiles, the plain C ones),
+    both products still equal their references."""
+    monkeypatch.setattr(native_module, '_library', None)
+    monkeypatch.setenv('MMGATED_CACHE', str(tmp_path))
+    monkeypatch.setattr(native_module, '_FLAG_SETS', (('-O2', ), ))
+    if not native_available():
+        pytest.skip('no C compiler')
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(13, 10, 3, 3, generator=gen), torch.randn(13)
+    rows, cols = _subset(13, 0.5, gen), _subset(10, 0.6, gen)
+    x = torch.randn(1, cols.numel(), 9, 11, generator=gen)
+    residual = torch.randn(1, 13, 9, 11, generator=gen)
+    for args in ((x, weight, bias, 1, 1, rows, cols, None, True),
+                 (x, weight, bias, 2, 2, None, cols, residual, False)):
+        torch.testing.assert_close(
+            gathered_conv2d(*args), gathered_conv2d_reference(*args),
+            rtol=1e-4, atol=1e-4)
+    matrix, im2col = torch.randn(7, 90), torch.randn(54, 70)
+    args = (matrix, im2col, 9, rows[:3], cols, torch.randn(7), True)
+    torch.testing.assert_close(gathered_gemm(*args),
+                               gathered_gemm_reference(*args), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_gathered_conv2d_bad_arguments():
+    weight, x = torch.randn(4, 6, 3, 3), torch.randn(1, 6, 5, 5)
+    with pytest.raises(ValueError, match='does not keep the map size'):
+        gathered_conv2d(x, weight, padding=0)
+    with pytest.raises(ValueError, match='does not keep the map size'):
+        gathered_conv2d(x, weight, padding=2, dilation=1)
+    with pytest.raises(ValueError, match='padding must be a non-negative'):
+        gathered_conv2d(x, weight, padding=-1)
+    with pytest.raises(ValueError, match=r'expected one sample of 2 channels'):
+        gathered_conv2d(x, weight, padding=1, col_groups=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match='x must be a contiguous'):
+        gathered_conv2d(x.transpose(2, 3), weight, padding=1)
+    with pytest.raises(ValueError, match=r'rows must lie in \[0, 4\)'):
+        gathered_conv2d(x, weight, padding=1, rows=torch.tensor([4]))
+    with pytest.raises(ValueError, match='residual is'):
+        gathered_conv2d(x, weight, padding=1,
+                        residual=torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match='bias has 3 values for 4'):
+        gathered_conv2d(x, weight, torch.randn(3), padding=1)
 
 
 def test_without_a_compiler(monkeypatch, tmp_path):

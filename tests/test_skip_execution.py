@@ -133,9 +133,22 @@ def _check_equal(model, x, value, seed=1):
     _assert_equal_outputs(mask_out, skip_out)
 
 
-@pytest.mark.parametrize('batch_size', [1, 3])
+def _without_compiled_ops(monkeypatch):
+    """As on a machine without a C compiler: skip execution gathers the
+    open weights and calls oneDNN / PyTorch instead of reading them in
+    place."""
+    monkeypatch.setattr(importlib.import_module('mmgated.ops.native'),
+                        '_library', False)
+
+
+# A single sample runs its stride-1 convs through mmgated.ops.gathered_conv2d
+# where the compiled operations exist, through gathers and oneDNN where not.
+@pytest.mark.parametrize('batch_size,compiled', [(1, True), (1, False),
+                                                 (3, True)])
 @pytest.mark.parametrize('key', list(BACKBONES))
-def test_skip_equals_mask(key, batch_size):
+def test_skip_equals_mask(key, batch_size, compiled, monkeypatch):
+    if not compiled:
+        _without_compiled_ops(monkeypatch)
     model, size = _backbone(key)
     x = torch.randn(batch_size, 3, size, size,
                     generator=torch.Generator().manual_seed(batch_size))
@@ -173,13 +186,14 @@ def test_batch_one_sparse_and_masked_dense_plans(key, weight_cost,
     # Convs that read their weight in place never gather (see
     # test_in_place_reads_never_choose_masks); all of these gather.
     monkeypatch.setattr(skip_execution, 'WEIGHT_BOUND_PIXELS', 0)
+    _without_compiled_ops(monkeypatch)
     model, size = _backbone(key)
     calls = []
     original = skip_execution._Plan.segment
 
-    def segment(plan, h, indices, masks=None):
+    def segment(plan, h, indices, masks=None, finish=None):
         calls.append((any(i is not None for i in indices), masks is not None))
-        return original(plan, h, indices, masks)
+        return original(plan, h, indices, masks, finish)
 
     monkeypatch.setattr(skip_execution._Plan, 'segment', segment)
     x = torch.randn(1, 3, size, size)
@@ -192,31 +206,40 @@ def test_batch_one_sparse_and_masked_dense_plans(key, weight_cost,
         assert masked and not sparse
 
 
-@pytest.mark.parametrize('native', [True, False])
+@pytest.mark.parametrize('compiled', [True, False])
 @pytest.mark.parametrize('key', ['basic', 'bottleneck-both', 'pspnet-both'])
-def test_weight_bound_layers_read_weights_in_place(key, native, monkeypatch):
-    """At batch 1, convolutions with at most WEIGHT_BOUND_PIXELS output
-    pixels run as im2col and gathered_gemm (compiled, or its PyTorch
-    fallback), larger ones as before; both equal mask execution."""
-    if not native:
-        monkeypatch.setattr(importlib.import_module('mmgated.ops.native'),
-                            '_library', False)
-    calls = []
-    original = skip_execution.gathered_gemm
+def test_single_samples_read_weights_in_place(key, compiled, monkeypatch):
+    """At batch 1 the restricted convolutions read the open part of their
+    weight in place: those whose output keeps the input's size (stride 1)
+    as gathered_conv2d, with the block's shortcut and ReLU in the last one,
+    where the compiled operations exist; the others with at most
+    WEIGHT_BOUND_PIXELS output pixels as im2col and gathered_gemm (compiled,
+    or its PyTorch fallback). The rest gathers. All equal mask execution."""
+    if not compiled:
+        _without_compiled_ops(monkeypatch)
+    calls = dict(conv=[], gemm=[])
+    originals = dict(conv=skip_execution.gathered_conv2d,
+                     gemm=skip_execution.gathered_gemm)
 
-    def counted(weight, cols, group, rows=None, col_groups=None, **kwargs):
-        calls.append((rows is not None, col_groups is not None, group))
-        return original(weight, cols, group, rows, col_groups, **kwargs)
+    def counted(kind):
 
-    monkeypatch.setattr(skip_execution, 'gathered_gemm', counted)
-    # Output sizes of the convs restricted to open channels.
+        def op(*args, **kwargs):
+            calls[kind].append(kwargs)
+            return originals[kind](*args, **kwargs)
+
+        return op
+
+    monkeypatch.setattr(skip_execution, 'gathered_conv2d', counted('conv'))
+    monkeypatch.setattr(skip_execution, 'gathered_gemm', counted('gemm'))
+    # Which restricted convs ran: (keeps its input's size, output pixels).
     restricted = []
     original_layer = skip_execution._Plan.sparse_layer
 
-    def sparse_layer(plan, j, h, in_idx, out_idx):
+    def sparse_layer(plan, j, h, in_idx, out_idx, finish=None):
         if (in_idx is not None or out_idx is not None) and h.shape[1] > 0:
-            restricted.append(plan.sizes[j][0] * plan.sizes[j][1])
-        return original_layer(plan, j, h, in_idx, out_idx)
+            restricted.append(
+                (plan.same_size[j], plan.sizes[j][0] * plan.sizes[j][1]))
+        return original_layer(plan, j, h, in_idx, out_idx, finish)
 
     monkeypatch.setattr(skip_execution._Plan, 'sparse_layer', sparse_layer)
     model, size = _backbone(key)
@@ -225,19 +248,40 @@ def test_weight_bound_layers_read_weights_in_place(key, native, monkeypatch):
     size = size if key.startswith('pspnet') else 2 * size
     x = torch.randn(1, 3, size, size)
     _check_equal(model, x, 0.5, seed=5)
-    # Every restricted conv with a small output, and only those, ran as the
-    # gathered product ...
-    small = [p for p in restricted if p <= skip_execution.WEIGHT_BOUND_PIXELS]
-    assert 0 < len(small) == len(calls) < len(restricted)
-    # ... reading open rows and open input channels.
-    assert any(c[0] for c in calls) and any(c[1] for c in calls)
-    if key == 'bottleneck-both':
-        # conv2 reads open rows and open input channels at once.
-        assert any(r and c for r, c, _ in calls)
-    # All open: the dense convolutions, not the gathered product.
-    calls.clear()
+    bound = skip_execution.WEIGHT_BOUND_PIXELS
+    same = [p for keeps, p in restricted if keeps]
+    small_strided = [p for keeps, p in restricted if not keeps and p <= bound]
+    assert same and small_strided
+    if compiled:
+        assert len(calls['conv']) == len(same)
+        assert len(calls['gemm']) == len(small_strided)
+        # Open rows, open input channels, and the shortcut with the ReLU
+        # in the blocks' last convolutions.
+        assert any(c['rows'] is not None for c in calls['conv'])
+        assert any(c['col_groups'] is not None for c in calls['conv'])
+        fused = [c for c in calls['conv'] if c['residual'] is not None]
+        assert fused and all(c['relu'] for c in fused)
+    else:
+        small = [p for _, p in restricted if p <= bound]
+        assert not calls['conv'] and len(calls['gemm']) == len(small)
+    # All open: the dense convolutions, except the small maps' direct
+    # ones (their weights bind them as much as when restricted).
+    for kind in calls:
+        calls[kind].clear()
     _check_equal(model, x, 1.0)
-    assert not calls
+    assert not calls['gemm']
+    assert not compiled or calls['conv']
+
+
+def test_non_relu_activation():
+    """Skip execution applies plain ReLUs (fused into its convolutions); a
+    block with another activation is refused with its name."""
+    model, _ = _backbone('basic')
+    model = copy.deepcopy(model)
+    block = model.layer2[1]
+    block.relu = nn.LeakyReLU(0.1)
+    with pytest.raises(NotImplementedError, match='LeakyReLU'):
+        set_gate_execution(model, 'skip')
 
 
 def test_in_place_reads_never_choose_masks(monkeypatch):
@@ -250,9 +294,9 @@ def test_in_place_reads_never_choose_masks(monkeypatch):
     masked = []
     original = skip_execution._Plan.segment
 
-    def segment(plan, h, indices, masks=None):
+    def segment(plan, h, indices, masks=None, finish=None):
         masked.append(masks is not None)
-        return original(plan, h, indices, masks)
+        return original(plan, h, indices, masks, finish)
 
     monkeypatch.setattr(skip_execution._Plan, 'segment', segment)
     # 32x32: every map of the ResNet-18 has at most 64 pixels.
@@ -509,11 +553,13 @@ def test_cached_weights_follow_updates(monkeypatch):
     # drops the caches, which would hide a stale one).
     fast = copy.deepcopy(reference)
     set_gate_execution(fast, 'skip')
-    # With every weight read through a cached copy: the small maps of a
-    # 32x32 input read the folded copy in place (gathered_gemm), layer1 of
-    # a 128x128 input gathers from the transposed one.
+    # With every weight read through a cached copy: single samples read
+    # the folded copy in place (gathered_conv2d, gathered_gemm); a batch
+    # gathers from the folded copy and, for the open input channels of
+    # layer1 at 64x64, from the transposed one.
     monkeypatch.setattr(skip_execution, 'STRIDED_GATHER_MAX', 0)
-    inputs = (torch.randn(1, 3, 32, 32), torch.randn(1, 3, 128, 128))
+    monkeypatch.setattr(skip_execution, 'GROUP_EFFICIENCY', 1e-9)
+    inputs = (torch.randn(1, 3, 32, 32), torch.randn(2, 3, 64, 64))
 
     def compare():
         for x in inputs:

@@ -121,10 +121,7 @@ class _GatedBlockMixin:
     def _inner_forward(self, x, *gates):
         """Residual branch plus shortcut, before the final activation."""
         identity = x if self.downsample is None else self.downsample(x)
-        if self.gate_execution == 'skip':
-            out = skip_residual(self, x, *gates)
-        else:
-            out = self._residual(x, *gates)
+        out = self._residual(x, *gates)
         drop_path = self._modules.get('drop_path')  # mmpretrain only
         if drop_path is not None:
             out = drop_path(out)
@@ -135,7 +132,7 @@ class _GatedBlockMixin:
     def forward(self, x):
         """Forward with gates computed from the block input ``x``."""
         if self.gate_execution == 'skip':
-            check_skip_mode(self)
+            return self._skip_forward(x)
         # The gates are computed outside the checkpointed function so that
         # their outputs keep a graph for the gate losses under with_cp.
         gates = self._gates(x)
@@ -145,6 +142,15 @@ class _GatedBlockMixin:
         else:
             out = self._inner_forward(x, *gates)
         return self.relu(out)
+
+    def _skip_forward(self, x):
+        """Forward in skip execution (eval only, where drop path is the
+        identity): the shortcut and the final ReLU go into the residual
+        branch's last convolution."""
+        check_skip_mode(self)
+        gates = self._gates(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        return skip_residual(self, x, *gates, shortcut=identity, relu=True)
 
 
 class GatedBasicBlockMixin(_GatedBlockMixin):

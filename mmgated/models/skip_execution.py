@@ -29,28 +29,41 @@ are folded into one convolution with a bias (a copy cached on the conv until
 a weight or statistic changes; ``set_gate_execution(model, 'mask')`` drops
 the copies), so a closed channel costs neither its filter nor its BN.
 
-* A single sample on a small map (at most ``WEIGHT_BOUND_PIXELS`` output
-  pixels, e.g. layer 4 of a ResNet at 224x224) is bound by reading the
-  weight. It runs as im2col and :func:`mmgated.ops.gathered_gemm`, a
-  compiled matrix product that reads the open rows and input channels of
-  the weight where they are, instead of gathering them into a copy that
-  oneDNN would then reorder (two more passes of the weight through memory).
-* Otherwise the open channels' weights are gathered. The filters of the
-  open output channels are contiguous rows of the weight, a cheap gather.
-  The open *input* channels are not: they are runs of ``kh*kw`` values
-  strided by ``in*kh*kw``. Up to ``STRIDED_GATHER_MAX`` weight elements the
-  strided gather is used; a larger weight (stride 1) runs as the equal
-  transposed convolution, whose cached ``(in, out, kh, kw)`` weight has the
-  input channels as rows. Where PyTorch would run a convolution on a small
-  single sample with its slow native kernels instead of oneDNN, oneDNN is
-  called directly.
+* A single sample reads the open part of each weight in place, with the
+  compiled operations of :mod:`mmgated.ops` (built on first use), instead
+  of gathering it into a copy that oneDNN would then reorder into its
+  blocked layout (two more passes of the weight through memory, which at
+  batch 1 cost as much as they save):
+
+  - a stride-1 convolution whose output keeps its input's size (the 3x3
+    convolutions of ResNet blocks, dilated or not, and 1x1 ones) runs as
+    :func:`mmgated.ops.gathered_conv2d`, a direct convolution over the open
+    input and output channels; the block's last one adds the shortcut and
+    applies the final ReLU as it stores its output. With every channel
+    open it is used on small maps only (at most ``WEIGHT_BOUND_PIXELS``
+    output pixels, layer 4 of a ResNet at 224x224), where the weight, not
+    the arithmetic, sets the time; elsewhere oneDNN is as fast;
+  - another convolution (strided) with at most ``WEIGHT_BOUND_PIXELS``
+    output pixels runs as im2col and :func:`mmgated.ops.gathered_gemm`.
+
+* Otherwise (batches, large strided convolutions, no C compiler) the open
+  channels' weights are gathered. The filters of the open output channels
+  are contiguous rows of the weight, a cheap gather. The open *input*
+  channels are not: they are runs of ``kh*kw`` values strided by
+  ``in*kh*kw``. Up to ``STRIDED_GATHER_MAX`` weight elements the strided
+  gather is used; a larger weight (stride 1) runs as the equal transposed
+  convolution, whose cached ``(in, out, kh, kw)`` weight has the input
+  channels as rows. Where PyTorch would run a convolution on a small single
+  sample with its slow native kernels instead of oneDNN, oneDNN is called
+  directly.
 
 None of this changes the numbers beyond floating point order.
 
 Skip execution is for inference only: the block must be in eval mode (its BN
 layers use running statistics, which the per-channel indexing relies on).
 It needs plain zero-padded ``nn.Conv2d`` layers with ``groups=1``, BN norm
-layers with running statistics, and no mmseg plugin right after a gated map;
+layers with running statistics, ``nn.ReLU`` activations, and no mmseg plugin
+right after a gated map;
 :func:`check_skip_support` says which block breaks which of these.
 """
 from typing import List, Optional, Sequence, Tuple
@@ -59,7 +72,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import gathered_gemm
+from ..ops import gathered_conv2d, gathered_gemm, keeps_size, native_available
 from .folding import bn_scale_shift, cached_on
 from .gates import GATE_EXECUTIONS
 
@@ -178,7 +191,8 @@ def check_skip_support(block: nn.Module, name: Optional[str] = None) -> None:
         NotImplementedError: A convolution that is not a plain zero-padded
             ``nn.Conv2d`` with ``groups=1`` (e.g. DCN, weight-standardised
             convs), a norm that is not a BN with running statistics (e.g.
-            GN), or an mmseg plugin at a gated position.
+            GN), an activation that is not ``nn.ReLU``, or an mmseg plugin
+            at a gated position.
     """
     what = f'{type(block).__name__}' + (f' {name!r}' if name else '')
     convs, norms, gates, plugins = _block_layers(block)
@@ -199,6 +213,11 @@ def check_skip_support(block: nn.Module, name: Optional[str] = None) -> None:
                 f'skip execution of {what}: norm{j + 1} is a '
                 f'{type(norm).__name__}; only BN layers with running '
                 'statistics can be restricted to the open channels')
+    if type(getattr(block, 'relu', None)) is not nn.ReLU:
+        raise NotImplementedError(
+            f'skip execution of {what}: its activation is a '
+            f'{type(getattr(block, "relu", None)).__name__}; only nn.ReLU '
+            'is supported (it is fused into the convolutions)')
     for j, (gate, names) in enumerate(zip(gates, plugins)):
         if gate is not None and names:
             raise NotImplementedError(
@@ -274,11 +293,13 @@ STRIDED_GATHER_MAX = 256 * 256 * 9
 
 # A single sample's convolution with at most this many output pixels is
 # bound by reading its weight (a 3x3 512-channel weight is 9.4 MB for 49
-# pixels, layer 4 of a ResNet at 224x224): it runs as im2col and
-# gathered_gemm, which reads the open part of the weight in place, instead
-# of a gather and oneDNN. On the 2-core test CPU that took a 512-channel
-# 7x7 convolution at half its channels from 3.2-4.1 ms to 2.1-2.7 ms; at
-# 196 pixels (14x14) oneDNN stays faster (docs/benchmarks.md).
+# pixels, layer 4 of a ResNet at 224x224). Restricted to some channels and
+# strided, it runs as im2col and gathered_gemm, which reads the open part of
+# the weight in place, instead of a gather and oneDNN; with all channels
+# open and stride 1, as gathered_conv2d, which skips oneDNN's reorder of the
+# whole weight (on the 2-core test CPU 2.8-3.2 ms against oneDNN's 3.7-4.4
+# ms for a dense 512-channel 7x7 convolution; on 14x14 and larger maps
+# oneDNN is as fast or faster with all channels open, docs/benchmarks.md).
 WEIGHT_BOUND_PIXELS = 64
 
 # Names of the weight copies cached on a convolution (see cached_on).
@@ -336,6 +357,12 @@ class _Plan:
             size = conv_output_size(conv, *size)
             sizes.append(size)
         self.sizes = sizes
+        # Convs that mmgated.ops.gathered_conv2d can run (see direct).
+        self.same_size = [
+            tuple(conv.stride) == (1, 1) and keeps_size(
+                conv.kernel_size, conv.padding, conv.dilation)
+            for conv in self.convs
+        ]
         self.device_type = x.device.type
 
     def record_gate_sizes(self):
@@ -383,29 +410,44 @@ class _Plan:
         """Channel counts of the gated maps with every gate open."""
         return [self.convs[j].out_channels for j in self.gated]
 
-    def dense_layer(self, j, h):
-        """Map ``j`` with all channels (BN folded), then its plugins."""
-        h = self.sparse_layer(j, h, None, None)
-        for name in self.plugins[j]:
+    def dense_layer(self, j, h, finish=None):
+        """Map ``j`` with all channels (BN folded), then its plugins, then
+        ``finish`` (see :meth:`sparse_layer`)."""
+        plugins = self.plugins[j]
+        h = self.sparse_layer(j, h, None, None, None if plugins else finish)
+        for name in plugins:
             h = getattr(self.block, name)(h)
-        return h
+        return _finish(h, finish) if plugins else h
 
-    def sparse_layer(self, j, h, in_idx, out_idx):
+    def sparse_layer(self, j, h, in_idx, out_idx, finish=None):
         """Map ``j`` with the channels ``out_idx`` (``None``: all) from an
         input holding the channels ``in_idx`` of map ``j - 1``, by conv
-        ``j`` with its BN folded in (see :func:`_folded`)."""
+        ``j`` with its BN folded in (see :func:`_folded`).
+
+        ``finish``, for the last conv only: ``(shortcut, relu)`` to add the
+        block's shortcut to the result and apply its ReLU (see
+        :func:`_finish`), inside the convolution where it runs directly.
+        """
         conv = self.convs[j]
         n = h.shape[0]
         if out_idx is not None and out_idx.numel() == 0:
             # Nothing open: the next layer sees an input without channels.
             return h.new_empty((n, 0) + self.sizes[j])
         weight, bias = _folded(conv, self.norms[j])
+        restricted = in_idx is not None or out_idx is not None
         fast = h.device.type == 'cpu' and not torch.is_grad_enabled()
-        if fast and (in_idx is not None or out_idx is not None) \
-                and h.shape[1] > 0 and h.dtype == torch.float32 \
-                and self.reads_in_place(j, n):
-            return self._gathered_product(j, h, weight, bias, in_idx,
-                                          out_idx)
+        if fast and h.dtype == torch.float32 and self.direct(
+                j, n, restricted):
+            shortcut, relu = finish or (None, j < self.last)
+            return gathered_conv2d(h, weight, bias, conv.padding,
+                                   conv.dilation, rows=out_idx,
+                                   col_groups=in_idx, residual=shortcut,
+                                   relu=relu)
+        if fast and restricted and h.shape[1] > 0 \
+                and h.dtype == torch.float32 and self.weight_bound(j, n):
+            return _finish(
+                self._gathered_product(j, h, weight, bias, in_idx, out_idx),
+                finish)
         if out_idx is not None:
             bias = bias.index_select(0, out_idx)
         if h.shape[1] == 0:
@@ -426,17 +468,35 @@ class _Plan:
                              conv.dilation)
         if j < self.last:
             y = y.relu_()
-        return y
+        return _finish(y, finish)
 
-    def reads_in_place(self, j, n) -> bool:
-        """Whether conv ``j`` on ``n`` samples reads the open part of its
-        weight in place (:meth:`_gathered_product`) rather than gathering
-        it: a single sample on the CPU whose output has at most
-        ``WEIGHT_BOUND_PIXELS`` pixels, so that reading the weight, not the
-        arithmetic, sets its time."""
+    def direct(self, j, n, restricted=True) -> bool:
+        """Whether conv ``j`` on ``n`` samples runs as
+        :func:`~mmgated.ops.gathered_conv2d` (for float32 inputs without
+        gradient): a single sample on the CPU, a stride-1 conv whose output
+        keeps the input's size (3x3 convs of ResNet blocks), the compiled
+        operations at hand, and either some channels closed
+        (``restricted``) or at most ``WEIGHT_BOUND_PIXELS`` output pixels
+        (with every channel open, oneDNN is as fast on larger maps)."""
+        height, width = self.sizes[j]
+        return (n == 1 and self.device_type == 'cpu' and self.same_size[j]
+                and (restricted or height * width <= WEIGHT_BOUND_PIXELS)
+                and native_available())
+
+    def weight_bound(self, j, n) -> bool:
+        """Whether conv ``j`` on ``n`` samples is a single sample on the
+        CPU with at most ``WEIGHT_BOUND_PIXELS`` output pixels, so that
+        reading the weight, not the arithmetic, sets its time."""
         height, width = self.sizes[j]
         return (n == 1 and self.device_type == 'cpu'
                 and height * width <= WEIGHT_BOUND_PIXELS)
+
+    def reads_in_place(self, j, n) -> bool:
+        """Whether conv ``j`` on ``n`` samples, restricted to some
+        channels, reads the open part of its weight in place rather than
+        gathering it: it runs directly (:meth:`direct`) or is weight-bound
+        (:meth:`weight_bound`, then :meth:`_gathered_product`)."""
+        return self.direct(j, n) or self.weight_bound(j, n)
 
     def _gathered_product(self, j, h, weight, bias, in_idx, out_idx):
         """Conv ``j`` (BN folded, ReLU unless last) of a weight-bound
@@ -478,7 +538,7 @@ class _Plan:
         return F.conv2d(h, weight, bias, conv.stride, conv.padding,
                         conv.dilation)
 
-    def segment(self, h, indices, masks=None):
+    def segment(self, h, indices, masks=None, finish=None):
         """Run the pattern-dependent convs on ``h`` (map ``start - 1``).
 
         Args:
@@ -488,6 +548,8 @@ class _Plan:
             masks (list[Tensor | None], optional): Gates ``(n, k)`` to
                 multiply the computed channels of each gated map with, for
                 samples that share the computation but not the pattern.
+            finish (tuple, optional): See :meth:`sparse_layer`; only if
+                conv ``end`` is the last.
 
         Returns:
             Tensor: Map ``end``, all channels, before its plugins.
@@ -500,7 +562,7 @@ class _Plan:
                     and h.shape[1] > 0:
                 h = h * masks[i][:, :, None, None]
             in_idx = out_idx
-        return self.sparse_layer(self.end, h, in_idx, None)
+        return self.sparse_layer(self.end, h, in_idx, None, finish)
 
 
 # Plans kept per block (one per input size); more sizes than this start
@@ -530,9 +592,20 @@ def _open_index(row: torch.Tensor) -> Optional[torch.Tensor]:
     return None if idx.numel() == row.numel() else idx
 
 
-def _segment_batch(plan: _Plan, h: torch.Tensor,
-                   gates: List[torch.Tensor]) -> torch.Tensor:
-    """Run the pattern-dependent part for a whole batch (see module doc)."""
+def _finish(y: torch.Tensor, finish) -> torch.Tensor:
+    """``relu(y + shortcut)`` (in place) for ``finish = (shortcut,
+    relu)``; ``y`` for None."""
+    if finish is None:
+        return y
+    shortcut, relu = finish
+    y += shortcut
+    return y.relu_() if relu else y
+
+
+def _segment_batch(plan: _Plan, h: torch.Tensor, gates: List[torch.Tensor],
+                   finish=None) -> torch.Tensor:
+    """Run the pattern-dependent part for a whole batch (see module doc),
+    then ``finish`` (see :meth:`_Plan.sparse_layer`)."""
     n = h.shape[0]
     if n == 1:
         indices = [_open_index(g[0]) for g in gates]
@@ -544,18 +617,19 @@ def _segment_batch(plan: _Plan, h: torch.Tensor,
                 # would cost more than they save; compute all channels and
                 # mask the closed ones, as mask execution does.
                 return plan.segment(h, [None] * len(gates),
-                                    [g.to(h.dtype) for g in gates])
-        return plan.segment(h, indices)
+                                    [g.to(h.dtype) for g in gates], finish)
+        return plan.segment(h, indices, finish=finish)
     open_ = [g > 0 for g in gates]
     if all(bool(o.all()) for o in open_):
-        return plan.segment(h, [None] * len(gates))
+        return plan.segment(h, [None] * len(gates), finish=finish)
     patterns, inverse, sizes = torch.unique(
         torch.cat(open_, 1).to(torch.uint8),
         dim=0,
         return_inverse=True,
         return_counts=True)
     if patterns.shape[0] == 1:
-        return plan.segment(h, [_open_index(o[0]) for o in open_])
+        return plan.segment(h, [_open_index(o[0]) for o in open_],
+                            finish=finish)
     patterns = torch.split(patterns.bool(), [g.shape[1] for g in gates], 1)
     group_counts = torch.stack([p.sum(1) for p in patterns], 1).tolist()
     group_cost = sum(
@@ -569,7 +643,7 @@ def _segment_batch(plan: _Plan, h: torch.Tensor,
         indices = [_open_index(u) for u in union]
         masks = [(g if idx is None else g.index_select(1, idx)).to(h.dtype)
                  for g, idx in zip(gates, indices)]
-        return plan.segment(h, indices, masks)
+        return plan.segment(h, indices, masks, finish)
     out = None
     for p in range(sizes.shape[0]):
         rows = (inverse == p).nonzero().squeeze(1)
@@ -578,11 +652,14 @@ def _segment_batch(plan: _Plan, h: torch.Tensor,
         if out is None:
             out = y.new_empty((n, ) + tuple(y.shape[1:]))
         out.index_copy_(0, rows, y)
-    return out
+    return _finish(out, finish)
 
 
-def skip_residual(block: nn.Module, x: torch.Tensor,
-                  *gates: Optional[torch.Tensor]) -> torch.Tensor:
+def skip_residual(block: nn.Module,
+                  x: torch.Tensor,
+                  *gates: Optional[torch.Tensor],
+                  shortcut: Optional[torch.Tensor] = None,
+                  relu: bool = False) -> torch.Tensor:
     """The residual branch of a gated block, computing open channels only.
 
     Equal (up to floating point) to ``block._residual(x, *gates)`` for
@@ -594,16 +671,21 @@ def skip_residual(block: nn.Module, x: torch.Tensor,
         x (Tensor): Block input ``(N, C, H, W)``.
         *gates (Tensor | None): The block's gates in ``gate_names`` order,
             ``(N, C_j)`` 0/1 each, ``None`` where the block has no gate.
+        shortcut (Tensor, optional): The block's shortcut, added to the
+            branch (by its last convolution where that runs directly).
+        relu (bool): Apply a ReLU after the shortcut.
 
     Returns:
-        Tensor: The residual branch (before the shortcut is added).
+        Tensor: The residual branch, plus ``shortcut`` and after the ReLU
+        if asked.
     """
+    finish = None if shortcut is None else (shortcut, relu)
     if all(g is None for g in gates) or torch.jit.is_tracing():
         # Under tracing (mmengine's FlopAnalyzer, as in count_macs and
         # GateMetric) the graph must be the dense one whose MACs the
         # analyzer counts as the dense network; the per-sample savings come
         # from the gates, as in mask execution.
-        return block._residual(x, *gates)
+        return _finish(block._residual(x, *gates), finish)
     plan = _plan_for(block, x)
     if any(norm.training for norm in plan.norms):
         # A norm left in training mode would normalise with batch
@@ -613,10 +695,14 @@ def skip_residual(block: nn.Module, x: torch.Tensor,
     h = x
     for j in range(plan.start):
         h = plan.dense_layer(j, h)
-    h = _segment_batch(plan, h, [gates[j] for j in plan.gated])
+    last_in_segment = plan.end == plan.last and not plan.plugins[plan.end]
+    h = _segment_batch(plan, h, [gates[j] for j in plan.gated],
+                       finish if last_in_segment else None)
     # Plugins of the first ungated map run once for the merged batch.
     for name in plan.plugins[plan.end]:
         h = getattr(block, name)(h)
     for j in range(plan.end + 1, plan.last + 1):
-        h = plan.dense_layer(j, h)
+        h = plan.dense_layer(j, h, finish if j == plan.last else None)
+    if plan.end == plan.last and not last_in_segment:
+        h = _finish(h, finish)  # after the last map's plugins
     return h

@@ -16,7 +16,7 @@ selected weights) plus oneDNN's reorder of the gathered copy (another) cost
 more than the product itself; skip execution uses this product there (see
 :mod:`mmgated.models.skip_execution`).
 
-The product runs as a small C function (``csrc/gathered_gemm.c``, built on
+The product runs as a small C function (``csrc/gathered_product.c``, built on
 first use, see :mod:`mmgated.ops.native`); without it,
 :func:`gathered_gemm_reference` computes the same with PyTorch operations.
 """
@@ -41,13 +41,15 @@ def _check(name, tensor, dtype, dim):
     check_tensor('gathered_gemm', name, tensor, dtype, dim)
 
 
-def _check_index(name, index, size):
-    _check(name, index, torch.int64, 1)
-    if index.numel() and not 0 <= int(index.min()) <= int(
-            index.max()) < size:
-        raise ValueError(f'gathered_gemm: {name} must lie in [0, {size}), '
-                         f'got values in [{int(index.min())}, '
-                         f'{int(index.max())}]')
+def check_index(op: str, name: str, index: torch.Tensor, size: int) -> None:
+    """Raise ``ValueError`` unless ``index`` is an int64 vector of values
+    in ``[0, size)``: the compiled operations do not check their indices."""
+    check_tensor(op, name, index, torch.int64, 1)
+    if index.numel():
+        low, high = (int(v) for v in torch.aminmax(index))
+        if not 0 <= low <= high < size:
+            raise ValueError(f'{op}: {name} must lie in [0, {size}), '
+                             f'got values in [{low}, {high}]')
 
 
 def gathered_gemm(weight: torch.Tensor,
@@ -89,9 +91,9 @@ def gathered_gemm(weight: torch.Tensor,
         raise ValueError(f'gathered_gemm: cols has {cols.shape[0]} rows, '
                          f'expected {k} groups of {group}')
     if rows is not None:
-        _check_index('rows', rows, weight.shape[0])
+        check_index('gathered_gemm', 'rows', rows, weight.shape[0])
     if col_groups is not None:
-        _check_index('col_groups', col_groups, num_groups)
+        check_index('gathered_gemm', 'col_groups', col_groups, num_groups)
     if bias is not None:
         _check('bias', bias, torch.float32, 1)
         if bias.numel() != weight.shape[0]:

@@ -1,0 +1,359 @@
+/*
+ * Products that read only selected rows and input channels of a weight,
+ * without copying them out first.
+ *
+ * Both entry points compute, for output row m and output n,
+ *
+ *   out[m, n] = act(bias[row(m)] + res[row(m), n]
+ *                   + sum_{j < kc, t < G} W[row(m), col(j) * G + t] * src(j, t, n))
+ *
+ * with row(m) = rows ? rows[m] : m and col(j) = cidx ? cidx[j] : j; for a
+ * convolution the open output channels and the open input channels of a
+ * weight with G = kh * kw taps. They differ in where src(j, t, n) lies:
+ *
+ * - gathered_gemm: in an im2col matrix, row j * G + t.
+ * - gathered_conv: in the map itself, for a stride-1 convolution whose
+ *   output has the input's size ("same" padding). The map is first copied
+ *   into a zero-padded scratch map (pitch Wp = W + 2 * pw); there output
+ *   pixel (y, x) at y * Wp + x reads tap (a, b) at a further
+ *   a * dh * Wp + b * dw, so a tile of 64 consecutive positions reads 64
+ *   consecutive values per tap: no im2col. The positions x >= W of a tile
+ *   are no outputs: tiles store (and reload) their outputs compressed.
+ *
+ * At batch 1 a convolution reads its whole weight for few pixels; gathering
+ * the open channels first, and oneDNN's reorder of the gathered copy into its
+ * blocked layout, pass the weight through memory twice more, which these
+ * products do not. The tiles are vectorised over output pixels, so the
+ * weight is read in its own layout.
+ *
+ * All arrays are row-major float32 (indices int64). The caller guarantees
+ * that the indices are in range.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <string.h>
+
+/* Register tile: MB weight rows times NC outputs (four 16-lane vectors). */
+#define MB 6
+#define NC 64
+/* Reduction rows (channel taps) per pass, so a pass's source stays in L2. */
+#define RC 2048
+
+/*
+ * Where the reduction reads: input channel j's tap (a, b), a < kh, b < kw,
+ * lies at src + j * plane + a * rowstep + b * step, and its weight at
+ * wr[i][wch[j] + a * kw + b]. An im2col matrix is the case kh = 1, kw = G,
+ * step = N, plane = G * N.
+ */
+typedef struct {
+    const int32_t* wch;
+    long kh, kw, rowstep, step, plane;
+} Taps;
+
+typedef struct {
+    const float* const* wr;  /* MB weight rows (the first repeated past mb) */
+    long mb;                 /* rows stored */
+    const Taps* taps;
+    long j0, j1;             /* input channels of this pass */
+    const float* src;        /* source, at the tile's first position */
+    long nn;                 /* positions of the tile (<= NC) */
+    /* Which of the 64 positions are outputs (NULL: the first nn); they are
+     * stored consecutively from out. */
+    const uint16_t* keep;
+    float* out;              /* row 0's output at the tile's first output */
+    long ldo;
+    int first, last;         /* first / last pass over the reduction */
+    const float* bias;       /* MB values, added on the last pass */
+    const float* const* res; /* MB rows added on the last pass, or NULL */
+    int relu;
+} Tile;
+
+/* The output masks of a tile: keep, or the first nn positions. */
+static void tile_masks(const Tile* T, uint16_t v[4], long off[4])
+{
+    long done = 0;
+    for (int q = 0; q < 4; q++) {
+        long rem = T->nn - 16 * q;
+        uint16_t k = rem >= 16 ? 0xFFFF
+                               : (rem <= 0 ? 0 : (uint16_t)((1u << rem) - 1));
+        v[q] = T->keep ? (uint16_t)(T->keep[q] & k) : k;
+        off[q] = done;
+        done += __builtin_popcount(v[q]);
+    }
+}
+
+static void tile_generic(const Tile* T)
+{
+    const Taps* P = T->taps;
+    uint16_t v[4];
+    long off[4];
+    tile_masks(T, v, off);
+    for (long i = 0; i < T->mb; i++) {
+        float acc[NC];
+        float* o = T->out + i * T->ldo;
+        for (long n = 0; n < T->nn; n++) {
+            int q = (int)(n / 16), keep = (v[q] >> (n % 16)) & 1;
+            long at = off[q] + __builtin_popcount(v[q] & ((1u << (n % 16)) - 1));
+            acc[n] = T->first || !keep ? 0.f : o[at];
+        }
+        for (long j = T->j0; j < T->j1; j++)
+            for (long a = 0; a < P->kh; a++)
+                for (long b = 0; b < P->kw; b++) {
+                    float w = T->wr[i][P->wch[j] + a * P->kw + b];
+                    const float* c = T->src + j * P->plane + a * P->rowstep
+                                     + b * P->step;
+                    for (long n = 0; n < T->nn; n++) acc[n] += w * c[n];
+                }
+        for (long n = 0; n < T->nn; n++) {
+            int q = (int)(n / 16);
+            if (!((v[q] >> (n % 16)) & 1))
+                continue;
+            long at = off[q] + __builtin_popcount(v[q] & ((1u << (n % 16)) - 1));
+            float value = acc[n];
+            if (T->last) {
+                value += T->bias[i] + (T->res ? T->res[i][at] : 0.f);
+                if (T->relu && value < 0.f) value = 0.f;
+            }
+            o[at] = value;
+        }
+    }
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* A tile of R <= MB rows and V <= 4 vectors of outputs; R and V are
+ * constants wherever this is inlined, so that the rows and vectors past them
+ * cost nothing (small maps leave the last tile of a row part empty). */
+static inline __attribute__((always_inline)) void tile_rows(const Tile* T,
+                                                            const int R,
+                                                            const int V)
+{
+    const Taps* P = T->taps;
+    __mmask16 k[4], v[4];
+    uint16_t vv[4];
+    long off[4];
+    tile_masks(T, vv, off);
+    for (int q = 0; q < 4; q++) {
+        long rem = T->nn - 16 * q;
+        k[q] = rem >= 16 ? (__mmask16)0xFFFF
+                         : (rem <= 0 ? (__mmask16)0 : (__mmask16)((1u << rem) - 1));
+        v[q] = (__mmask16)vv[q];
+    }
+    float* out = T->out;
+    long ldo = T->ldo;
+    int first = T->first;
+    /* Named accumulators so that the compiler keeps all 24 in registers. */
+    /* Outputs are stored compressed and reloaded expanded (see Tile). */
+#define LOAD(i, q) (first || (i) >= R ? _mm512_setzero_ps() \
+        : _mm512_maskz_expandloadu_ps(v[q], out + (i) * ldo + off[q]))
+#define DECL(i) __m512 a##i##0 = LOAD(i, 0), a##i##1 = LOAD(i, 1), \
+                       a##i##2 = LOAD(i, 2), a##i##3 = LOAD(i, 3); \
+                const float* w##i = T->wr[i];
+    DECL(0) DECL(1) DECL(2) DECL(3) DECL(4) DECL(5)
+#define FMA(i, o) if ((i) < R) { __m512 w = _mm512_set1_ps(w##i[o]); \
+        a##i##0 = _mm512_fmadd_ps(w, c0, a##i##0); \
+        if (V > 1) a##i##1 = _mm512_fmadd_ps(w, c1, a##i##1); \
+        if (V > 2) a##i##2 = _mm512_fmadd_ps(w, c2, a##i##2); \
+        if (V > 3) a##i##3 = _mm512_fmadd_ps(w, c3, a##i##3); }
+    /* One reduction row: 16 * V source values at c times weight column o. */
+#define VLOAD(q, p) (V > (q) ? _mm512_maskz_loadu_ps(k[q], p) : _mm512_setzero_ps())
+#define STEP(c, o) { const float* s_ = (c); long o_ = (o); \
+        __m512 c0 = VLOAD(0, s_), c1 = VLOAD(1, s_ + 16), \
+               c2 = VLOAD(2, s_ + 32), c3 = VLOAD(3, s_ + 48); \
+        FMA(0, o_) FMA(1, o_) FMA(2, o_) FMA(3, o_) FMA(4, o_) FMA(5, o_) }
+    const float* src = T->src + T->j0 * P->plane;
+    if (P->kh == 3 && P->kw == 3) {
+        /* The common 3x3 kernel unrolled, without per-tap index loads. */
+        long rs = P->rowstep, st = P->step;
+        for (long j = T->j0; j < T->j1; j++, src += P->plane) {
+            long o = P->wch[j];
+            for (int a = 0; a < 3; a++) {
+                const float* c = src + a * rs;
+                /* Prefetch the next channel: its rows are a plane away, too
+                 * far for the hardware prefetcher to see in time. */
+                const char* f = (const char*)(c + P->plane);
+                _mm_prefetch(f, _MM_HINT_T0);
+                _mm_prefetch(f + 64, _MM_HINT_T0);
+                _mm_prefetch(f + 128, _MM_HINT_T0);
+                _mm_prefetch(f + 192, _MM_HINT_T0);
+                _mm_prefetch(f + 256, _MM_HINT_T0);
+                STEP(c, o + 3 * a) STEP(c + st, o + 3 * a + 1)
+                STEP(c + 2 * st, o + 3 * a + 2)
+            }
+        }
+    } else {
+        for (long j = T->j0; j < T->j1; j++, src += P->plane) {
+            long o = P->wch[j];
+            for (long a = 0; a < P->kh; a++)
+                for (long b = 0; b < P->kw; b++)
+                    STEP(src + a * P->rowstep + b * P->step, o + a * P->kw + b)
+        }
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    /* The last pass adds the bias and the residual, then the ReLU. */
+#define FINISH(i, q) ({ __m512 v_ = a##i##q; if (T->last) { \
+        v_ = _mm512_add_ps(v_, _mm512_set1_ps(T->bias[i])); \
+        if (T->res) v_ = _mm512_add_ps(v_, _mm512_maskz_expandloadu_ps(v[q], T->res[i] + off[q])); \
+        if (T->relu) v_ = _mm512_max_ps(v_, zero); } v_; })
+#define STORE(i) if ((i) < R) { \
+        _mm512_mask_compressstoreu_ps(out + (i) * ldo + off[0], v[0], FINISH(i, 0)); \
+        if (V > 1) _mm512_mask_compressstoreu_ps(out + (i) * ldo + off[1], v[1], FINISH(i, 1)); \
+        if (V > 2) _mm512_mask_compressstoreu_ps(out + (i) * ldo + off[2], v[2], FINISH(i, 2)); \
+        if (V > 3) _mm512_mask_compressstoreu_ps(out + (i) * ldo + off[3], v[3], FINISH(i, 3)); }
+    STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+#undef LOAD
+#undef DECL
+#undef FMA
+#undef VLOAD
+#undef STEP
+#undef FINISH
+#undef STORE
+}
+static void tile_avx512(const Tile* T)
+{
+    long vectors = (T->nn + 15) / 16;
+#define ROWS(R) switch (vectors) { \
+        case 4: tile_rows(T, R, 4); break; \
+        case 3: tile_rows(T, R, 3); break; \
+        case 2: tile_rows(T, R, 2); break; \
+        default: tile_rows(T, R, 1); break; }
+    switch (T->mb) {
+    case 6: ROWS(6) break;
+    case 5: ROWS(5) break;
+    case 4: ROWS(4) break;
+    case 3: ROWS(3) break;
+    case 2: ROWS(2) break;
+    default: ROWS(1) break;
+    }
+#undef ROWS
+}
+#define TILE tile_avx512
+#else
+#define TILE tile_generic
+#endif
+
+/*
+ * The shared loop: M rows, N positions, kc input channels read through
+ * taps. keep: 4 masks per column tile of the positions that are outputs,
+ * start: where each column tile's first output lies in an output row (NULL:
+ * all positions are outputs, stored at their position). res: residual rows
+ * ldr apart, indexed like the bias, or NULL.
+ */
+static void product(const float* W, long ldw, const int64_t* rows, long M,
+                    const Taps* taps, long kc, const float* src, long N,
+                    const uint16_t* keep, const long* start,
+                    const float* bias, const float* res, long ldr, int relu,
+                    float* out, long ldo, int nthreads)
+{
+    long row_tiles = (M + MB - 1) / MB, col_tiles = (N + NC - 1) / NC;
+    long tiles = row_tiles * col_tiles, G = taps->kh * taps->kw;
+    long jc = RC / G > 0 ? RC / G : 1;
+    for (long j0 = 0; j0 < kc || j0 == 0; j0 += jc) {
+        long j1 = j0 + jc < kc ? j0 + jc : kc;
+        #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+        for (long b = 0; b < tiles; b++) {
+            long m0 = (b / col_tiles) * MB, ct = b % col_tiles, n0 = ct * NC;
+            long mb = M - m0 < MB ? M - m0 : MB, at = start ? start[ct] : n0;
+            const float* wr[MB];
+            const float* rr[MB];
+            float tile_bias[MB];
+            for (long i = 0; i < MB; i++) {
+                long row = rows ? rows[m0 + (i < mb ? i : 0)] : m0 + (i < mb ? i : 0);
+                wr[i] = W + row * ldw;
+                rr[i] = res ? res + row * ldr + at : NULL;
+                tile_bias[i] = bias ? bias[row] : 0.f;
+            }
+            Tile T = {wr, mb, taps, j0, j1, src + n0, N - n0 < NC ? N - n0 : NC,
+                      keep ? keep + 4 * ct : NULL, out + m0 * ldo + at, ldo,
+                      j0 == 0, j1 == kc, tile_bias, res ? rr : NULL, relu};
+            TILE(&T);
+        }
+    }
+}
+
+/* Offsets of the input channels' taps in a weight row; NULL without
+ * memory. */
+static int32_t* channel_offsets(const int64_t* cidx, long kc, long G)
+{
+    int32_t* wch = (int32_t*)malloc(sizeof(int32_t) * (kc > 0 ? kc : 1));
+    if (wch)
+        for (long j = 0; j < kc; j++)
+            wch[j] = (int32_t)((cidx ? cidx[j] : j) * G);
+    return wch;
+}
+
+/*
+ * W (*, ldw), cols (kc * G, N), out (M, N). Returns 0, or -1 without memory.
+ */
+int gathered_gemm(const float* W, long ldw, const int64_t* rows, long M,
+                  const int64_t* cidx, long kc, long G,
+                  const float* cols, long N, const float* bias, int relu,
+                  float* out, int nthreads)
+{
+    int32_t* wch = channel_offsets(cidx, kc, G);
+    if (!wch)
+        return -1;
+    Taps taps = {wch, 1, G, 0, N, G * N};
+    product(W, ldw, rows, M, &taps, kc, cols, N, NULL, NULL, bias, NULL, 0,
+            relu, out, N, nthreads);
+    free(wch);
+    return 0;
+}
+
+/*
+ * A stride-1 convolution whose output has the input's size H x Wd: input x
+ * (kc, H, Wd), weight W (*, ldw) of kh x kw taps at dilation (dh, dw) and
+ * padding (ph, pw) with dh * (kh - 1) = 2 * ph and dw * (kw - 1) = 2 * pw,
+ * out (M, H, Wd); res (*, H, Wd) or NULL. Returns 0, or -1 without memory.
+ */
+int gathered_conv(const float* W, long ldw, const int64_t* rows, long M,
+                  const int64_t* cidx, long kc, long kh, long kw, long dh,
+                  long dw, long ph, long pw, const float* x, long H, long Wd,
+                  const float* bias, const float* res, int relu, float* out,
+                  int nthreads)
+{
+    long Wp = Wd + 2 * pw, Hp = H + 2 * ph, plane = Hp * Wp;
+    long N = (H - 1) * Wp + Wd, col_tiles = (N + NC - 1) / NC;
+    int32_t* wch = channel_offsets(cidx, kc, kh * kw);
+    float* padded = (float*)malloc(sizeof(float) * (kc * plane > 0 ? kc * plane : 1));
+    uint16_t* keep = (uint16_t*)malloc(sizeof(uint16_t) * 4 * col_tiles);
+    long* start = (long*)malloc(sizeof(long) * col_tiles);
+    if (!wch || !padded || !keep || !start) {
+        free(wch);
+        free(padded);
+        free(keep);
+        free(start);
+        return -1;
+    }
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (long j = 0; j < kc; j++) {
+        float* p = padded + j * plane;
+        const float* s = x + j * H * Wd;
+        memset(p, 0, sizeof(float) * ph * Wp);
+        for (long y = 0; y < H; y++) {
+            float* r = p + (y + ph) * Wp + pw;
+            memset(r - pw, 0, sizeof(float) * pw);
+            memcpy(r, s + y * Wd, sizeof(float) * Wd);
+            memset(r + Wd, 0, sizeof(float) * pw);
+        }
+        memset(p + (H + ph) * Wp, 0, sizeof(float) * ph * Wp);
+    }
+    for (long ct = 0; ct < col_tiles; ct++) {
+        long n0 = ct * NC;
+        start[ct] = (n0 / Wp) * Wd + (n0 % Wp < Wd ? n0 % Wp : Wd);
+        for (int q = 0; q < 4; q++) keep[4 * ct + q] = 0;
+        for (long n = n0; n < n0 + NC && n < N; n++)
+            if (n % Wp < Wd)
+                keep[4 * ct + (n - n0) / 16] |= (uint16_t)(1u << ((n - n0) % 16));
+    }
+    Taps taps = {wch, kh, kw, dh * Wp, dw, plane};
+    product(W, ldw, rows, M, &taps, kc, padded, N, keep, start, bias, res,
+            H * Wd, relu, out, H * Wd, nthreads);
+    free(wch);
+    free(padded);
+    free(keep);
+    free(start);
+    return 0;
+}

@@ -1,0 +1,163 @@
+"""A stride-1 convolution over selected output and input channels of a
+weight, read in place.
+
+:func:`gathered_conv2d` computes, for one sample ``x`` holding input
+channels ``col_groups`` of a convolution with weight ``W`` (``(R, C, kh,
+kw)``) whose output has the input's size ("same" padding, as the 3x3
+convolutions of ResNet blocks, dilated or not),
+
+.. code-block:: none
+
+    y = act(conv2d(x, W[rows][:, col_groups], bias[rows], padding, dilation)
+            + residual[rows])
+
+without copying the selected part of ``W`` out, without im2col and without
+a padded copy of ``x``. At batch 1 a convolution reads its whole weight for
+few pixels; PyTorch's path gathers the open channels (a pass through memory)
+and oneDNN reorders the copy into its blocked layout on every call (another)
+before it computes. Skip execution uses this for the stride-1 convolutions
+of a single sample (see :mod:`mmgated.models.skip_execution`), with the
+block's shortcut as ``residual``.
+
+The product runs as a small C function (``csrc/gathered_product.c``, built
+on first use, see :mod:`mmgated.ops.native`); without it,
+:func:`gathered_conv2d_reference` computes the same with PyTorch operations.
+"""
+import ctypes
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .gathered_gemm import check_index
+from .native import check_tensor, native_function, pointer
+
+# The compiled function's argument types, in the order of its C signature.
+_ARGTYPES = [
+    ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+    ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+    ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+    ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+    ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int
+]
+
+
+def _pair(value, name) -> Tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or any(int(v) != v or v < 0 for v in pair):
+        raise ValueError(f'gathered_conv2d: {name} must be a non-negative '
+                         f'int or a pair of them, got {value!r}')
+    return int(pair[0]), int(pair[1])
+
+
+def keeps_size(kernel_size, padding, dilation) -> bool:
+    """Whether a stride-1 convolution with this geometry has an output of
+    its input's size, as :func:`gathered_conv2d` needs."""
+    return all(d * (k - 1) == 2 * p
+               for k, p, d in zip(kernel_size, padding, dilation))
+
+
+def _check(name, tensor, dim):
+    check_tensor('gathered_conv2d', name, tensor, torch.float32, dim)
+
+
+def gathered_conv2d(x: torch.Tensor,
+                    weight: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None,
+                    padding=0,
+                    dilation=1,
+                    rows: Optional[torch.Tensor] = None,
+                    col_groups: Optional[torch.Tensor] = None,
+                    residual: Optional[torch.Tensor] = None,
+                    relu: bool = False) -> torch.Tensor:
+    """``act(conv2d(x, W[rows][:, col_groups], bias[rows], padding,
+    dilation) + residual[rows])``, stride 1, output of the input's size.
+
+    Args:
+        x (Tensor): ``(1, k, H, W)`` float32, contiguous; its channel ``j``
+            is input channel ``col_groups[j]`` of the weight.
+        weight (Tensor): ``(R, C, kh, kw)`` float32, contiguous.
+        bias (Tensor, optional): ``(R, )`` float32, indexed like the rows.
+        padding (int | tuple[int, int]): Zero padding ``(ph, pw)``; with
+            the dilation ``(dh, dw)`` it must keep the size:
+            ``dh * (kh - 1) == 2 * ph`` and ``dw * (kw - 1) == 2 * pw``.
+        dilation (int | tuple[int, int]): Dilation of the taps.
+        rows (Tensor, optional): ``(M, )`` int64 output channels (weight
+            rows) to compute; ``None``: all ``R``.
+        col_groups (Tensor, optional): ``(k, )`` int64 input channels of
+            the weight that ``x`` holds; ``None``: all ``C`` (``k = C``).
+        residual (Tensor, optional): ``(1, R, H, W)`` float32, contiguous,
+            added before the ReLU, indexed like the rows (a block's
+            shortcut).
+        relu (bool): Apply a ReLU to the result.
+
+    Returns:
+        Tensor: ``(1, M, H, W)`` float32, contiguous.
+
+    Raises:
+        ValueError: Shapes, dtypes, indices or a geometry that do not fit.
+    """
+    _check('x', x, 4)
+    _check('weight', weight, 4)
+    padding, dilation = _pair(padding, 'padding'), _pair(dilation,
+                                                         'dilation')
+    out_channels, in_channels, kh, kw = weight.shape
+    if min(dilation) < 1 or not keeps_size((kh, kw), padding, dilation):
+        raise ValueError(
+            f'gathered_conv2d: a {kh}x{kw} kernel with padding {padding} '
+            f'and dilation {dilation} does not keep the map size; needs '
+            'dilation >= 1 and dilation * (kernel - 1) == 2 * padding')
+    k = in_channels if col_groups is None else col_groups.numel()
+    if x.shape[0] != 1 or x.shape[1] != k:
+        raise ValueError(f'gathered_conv2d: x is {tuple(x.shape)}, expected '
+                         f'one sample of {k} channels (those it holds)')
+    height, width = x.shape[2:]
+    if rows is not None:
+        check_index('gathered_conv2d', 'rows', rows, out_channels)
+    if col_groups is not None:
+        check_index('gathered_conv2d', 'col_groups', col_groups,
+                    in_channels)
+    if bias is not None:
+        _check('bias', bias, 1)
+        if bias.numel() != out_channels:
+            raise ValueError(f'gathered_conv2d: bias has {bias.numel()} '
+                             f'values for {out_channels} output channels')
+    if residual is not None:
+        _check('residual', residual, 4)
+        if tuple(residual.shape) != (1, out_channels, height, width):
+            raise ValueError(
+                f'gathered_conv2d: residual is {tuple(residual.shape)}, '
+                f'expected {(1, out_channels, height, width)}')
+    function = native_function('gathered_conv', _ARGTYPES, ctypes.c_int)
+    if function is None:
+        return gathered_conv2d_reference(x, weight, bias, padding, dilation,
+                                         rows, col_groups, residual, relu)
+    m = out_channels if rows is None else rows.numel()
+    out = x.new_empty((1, m, height, width))
+    ptr = pointer
+    status = function(ptr(weight), in_channels * kh * kw, ptr(rows), m,
+                      ptr(col_groups), k, kh, kw, *dilation, *padding,
+                      ptr(x), height, width, ptr(bias), ptr(residual),
+                      int(relu), ptr(out), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError('gathered_conv2d: out of memory')
+    return out
+
+
+def gathered_conv2d_reference(x, weight, bias=None, padding=0, dilation=1,
+                              rows=None, col_groups=None, residual=None,
+                              relu=False):
+    """:func:`gathered_conv2d` with PyTorch operations (gathers, then
+    ``F.conv2d``); the fallback without a compiler and the tests'
+    reference."""
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = None if bias is None else bias.index_select(0, rows)
+        if residual is not None:
+            residual = residual.index_select(1, rows)
+    if col_groups is not None:
+        weight = weight.index_select(1, col_groups)
+    y = F.conv2d(x, weight, bias, 1, padding, dilation)
+    if residual is not None:
+        y = y.add_(residual)
+    return y.relu_() if relu else y
