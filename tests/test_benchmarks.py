@@ -136,7 +136,7 @@ def test_other_ways(monkeypatch):
     # gathered_conv2d ran.
     layers, direct_convs = [], []
     original_layer = skip_execution._Plan.sparse_layer
-    original_conv = skip_execution.gathered_conv2d
+    original_conv = skip_execution.gathered_conv2d_unchecked
 
     def sparse_layer(plan, *args):
         layers.append(type(plan).direct is not original_direct)
@@ -148,7 +148,7 @@ def test_other_ways(monkeypatch):
         return original_conv(*args, **kwargs)
 
     monkeypatch.setattr(skip_execution._Plan, 'sparse_layer', sparse_layer)
-    monkeypatch.setattr(skip_execution, 'gathered_conv2d', conv)
+    monkeypatch.setattr(skip_execution, 'gathered_conv2d_unchecked', conv)
     compiled_gates = []
     original_record = ChannelGate._record
 

@@ -194,6 +194,27 @@ def test_portable_build(monkeypatch, tmp_path):
                                atol=1e-4)
 
 
+@pytest.mark.parametrize('compiled', [True, False])
+def test_indices_out_of_range(compiled, monkeypatch):
+    """Out-of-range indices are refused with their range, whether the
+    compiled function (which checks them itself) or the fallback runs."""
+    if not compiled:
+        monkeypatch.setattr(native_module, '_library', False)
+    elif not native_available():
+        pytest.skip('no C compiler')
+    weight, x = torch.randn(4, 6, 3, 3), torch.randn(1, 2, 5, 5)
+    with pytest.raises(ValueError, match=r'rows must lie in \[0, 4\), got '
+                       r'values in \[1, 4\]'):
+        gathered_conv2d(x[:, :1], weight, padding=1, rows=torch.tensor([1, 4]),
+                        col_groups=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r'col_groups must lie in \[0, 6\)'):
+        gathered_conv2d(x, weight, padding=1,
+                        col_groups=torch.tensor([-1, 2]))
+    with pytest.raises(ValueError, match=r'col_groups must lie in \[0, 2\)'):
+        gathered_gemm(torch.randn(4, 18), torch.randn(9, 5), 9,
+                      col_groups=torch.tensor([2]))
+
+
 def test_gathered_conv2d_bad_arguments():
     weight, x = torch.randn(4, 6, 3, 3), torch.randn(1, 6, 5, 5)
     with pytest.raises(ValueError, match='does not keep the map size'):

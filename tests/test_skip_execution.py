@@ -218,7 +218,7 @@ def test_single_samples_read_weights_in_place(key, compiled, monkeypatch):
     if not compiled:
         _without_compiled_ops(monkeypatch)
     calls = dict(conv=[], gemm=[])
-    originals = dict(conv=skip_execution.gathered_conv2d,
+    originals = dict(conv=skip_execution.gathered_conv2d_unchecked,
                      gemm=skip_execution.gathered_gemm)
 
     def counted(kind):
@@ -229,7 +229,8 @@ def test_single_samples_read_weights_in_place(key, compiled, monkeypatch):
 
         return op
 
-    monkeypatch.setattr(skip_execution, 'gathered_conv2d', counted('conv'))
+    monkeypatch.setattr(skip_execution, 'gathered_conv2d_unchecked',
+                        counted('conv'))
     monkeypatch.setattr(skip_execution, 'gathered_gemm', counted('gemm'))
     # Which restricted convs ran: (keeps its input's size, output pixels).
     restricted = []

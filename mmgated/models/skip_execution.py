@@ -72,7 +72,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import gathered_conv2d, gathered_gemm, keeps_size, native_available
+from ..ops import gathered_gemm, keeps_size, native_available
+from ..ops.gathered_conv import gathered_conv2d_unchecked
 from .folding import bn_scale_shift, cached_on
 from .gates import GATE_EXECUTIONS
 
@@ -439,10 +440,12 @@ class _Plan:
         if fast and h.dtype == torch.float32 and self.direct(
                 j, n, restricted):
             shortcut, relu = finish or (None, j < self.last)
-            return gathered_conv2d(h, weight, bias, conv.padding,
-                                   conv.dilation, rows=out_idx,
-                                   col_groups=in_idx, residual=shortcut,
-                                   relu=relu)
+            return gathered_conv2d_unchecked(
+                h.contiguous(), weight, bias, conv.padding, conv.dilation,
+                rows=out_idx, col_groups=in_idx,
+                residual=None if shortcut is None else shortcut.to(
+                    h.dtype).contiguous(),
+                relu=relu)
         if fast and restricted and h.shape[1] > 0 \
                 and h.dtype == torch.float32 and self.weight_bound(j, n):
             return _finish(

@@ -30,7 +30,8 @@ from .native import check_tensor, native_function, pointer
 
 # The compiled function's argument types, in the order of its C signature.
 _ARGTYPES = [
-    ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+    ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+    ctypes.c_long,
     ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
     ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
     ctypes.c_int
@@ -41,15 +42,32 @@ def _check(name, tensor, dtype, dim):
     check_tensor('gathered_gemm', name, tensor, dtype, dim)
 
 
-def check_index(op: str, name: str, index: torch.Tensor, size: int) -> None:
-    """Raise ``ValueError`` unless ``index`` is an int64 vector of values
-    in ``[0, size)``: the compiled operations do not check their indices."""
+def check_index(op: str, name: str, index: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``index`` is a contiguous int64 vector
+    (the compiled operations check the range of its values)."""
     check_tensor(op, name, index, torch.int64, 1)
-    if index.numel():
-        low, high = (int(v) for v in torch.aminmax(index))
-        if not 0 <= low <= high < size:
-            raise ValueError(f'{op}: {name} must lie in [0, {size}), '
-                             f'got values in [{low}, {high}]')
+
+
+def check_ranges(op: str, indices) -> None:
+    """Raise ``ValueError`` for an index with values outside ``[0, size)``
+    (``indices``: name -> (index or None, size))."""
+    for name, (index, size) in indices.items():
+        if index is not None and index.numel():
+            low, high = (int(v) for v in torch.aminmax(index))
+            if not 0 <= low <= high < size:
+                raise ValueError(f'{op}: {name} must lie in [0, {size}), got '
+                                 f'values in [{low}, {high}]')
+
+
+def raise_for_status(op: str, status: int, indices) -> None:
+    """Turn a compiled operation's status into an exception: -1 no memory,
+    -2 an index out of range (see :func:`check_ranges`)."""
+    if status == -1:
+        raise MemoryError(f'{op}: out of memory')
+    if status == -2:
+        check_ranges(op, indices)
+    if status != 0:
+        raise RuntimeError(f'{op}: failed with status {status}')
 
 
 def gathered_gemm(weight: torch.Tensor,
@@ -91,26 +109,30 @@ def gathered_gemm(weight: torch.Tensor,
         raise ValueError(f'gathered_gemm: cols has {cols.shape[0]} rows, '
                          f'expected {k} groups of {group}')
     if rows is not None:
-        check_index('gathered_gemm', 'rows', rows, weight.shape[0])
+        check_index('gathered_gemm', 'rows', rows)
     if col_groups is not None:
-        check_index('gathered_gemm', 'col_groups', col_groups, num_groups)
+        check_index('gathered_gemm', 'col_groups', col_groups)
     if bias is not None:
         _check('bias', bias, torch.float32, 1)
         if bias.numel() != weight.shape[0]:
             raise ValueError(f'gathered_gemm: bias has {bias.numel()} '
                              f'values for {weight.shape[0]} weight rows')
+    indices = dict(rows=(rows, weight.shape[0]),
+                   col_groups=(col_groups, num_groups))
     function = native_function('gathered_gemm', _ARGTYPES, ctypes.c_int)
     if function is None:
+        check_ranges('gathered_gemm', indices)
         return gathered_gemm_reference(weight, cols, group, rows, col_groups,
                                        bias, relu)
     m = weight.shape[0] if rows is None else rows.numel()
     out = cols.new_empty((m, cols.shape[1]))
     ptr = pointer
-    status = function(ptr(weight), weight.shape[1], ptr(rows), m,
-                      ptr(col_groups), k, group, ptr(cols), cols.shape[1],
-                      ptr(bias), int(relu), ptr(out), torch.get_num_threads())
-    if status != 0:
-        raise MemoryError('gathered_gemm: out of memory')
+    # The compiled function checks the indices' range itself (cheaper).
+    status = function(ptr(weight), weight.shape[0], weight.shape[1],
+                      ptr(rows), m, ptr(col_groups), k, group, ptr(cols),
+                      cols.shape[1], ptr(bias), int(relu), ptr(out),
+                      torch.get_num_threads())
+    raise_for_status('gathered_gemm', status, indices)
     return out
 
 

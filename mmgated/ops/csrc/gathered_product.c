@@ -26,8 +26,8 @@
  * products do not. The tiles are vectorised over output pixels, so the
  * weight is read in its own layout.
  *
- * All arrays are row-major float32 (indices int64). The caller guarantees
- * that the indices are in range.
+ * All arrays are row-major float32 (indices int64). Both return -2, before
+ * any work, if an index is out of range.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -252,7 +252,10 @@ static void product(const float* W, long ldw, const int64_t* rows, long M,
     long jc = RC / G > 0 ? RC / G : 1;
     for (long j0 = 0; j0 < kc || j0 == 0; j0 += jc) {
         long j1 = j0 + jc < kc ? j0 + jc : kc;
-        #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+        /* Tiles round-robin: both threads share a row tile's weights and
+         * take turns over its column tiles, which balances small and
+         * partial row tiles. */
+        #pragma omp parallel for num_threads(nthreads) schedule(static, 1) if (nthreads > 1)
         for (long b = 0; b < tiles; b++) {
             long m0 = (b / col_tiles) * MB, ct = b % col_tiles, n0 = ct * NC;
             long mb = M - m0 < MB ? M - m0 : MB, at = start ? start[ct] : n0;
@@ -273,6 +276,15 @@ static void product(const float* W, long ldw, const int64_t* rows, long M,
     }
 }
 
+/* Whether all n indices (none if idx is NULL) lie in [0, size). */
+static int in_range(const int64_t* idx, long n, long size)
+{
+    for (long i = 0; idx && i < n; i++)
+        if (idx[i] < 0 || idx[i] >= size)
+            return 0;
+    return 1;
+}
+
 /* Offsets of the input channels' taps in a weight row; NULL without
  * memory. */
 static int32_t* channel_offsets(const int64_t* cidx, long kc, long G)
@@ -285,13 +297,16 @@ static int32_t* channel_offsets(const int64_t* cidx, long kc, long G)
 }
 
 /*
- * W (*, ldw), cols (kc * G, N), out (M, N). Returns 0, or -1 without memory.
+ * W (R, ldw = C * G), cols (kc * G, N), out (M, N). Returns 0, -1 without
+ * memory, -2 for an index out of range.
  */
-int gathered_gemm(const float* W, long ldw, const int64_t* rows, long M,
-                  const int64_t* cidx, long kc, long G,
+int gathered_gemm(const float* W, long R, long ldw, const int64_t* rows,
+                  long M, const int64_t* cidx, long kc, long G,
                   const float* cols, long N, const float* bias, int relu,
                   float* out, int nthreads)
 {
+    if (!in_range(rows, M, R) || !in_range(cidx, kc, ldw / G))
+        return -2;
     int32_t* wch = channel_offsets(cidx, kc, G);
     if (!wch)
         return -1;
@@ -304,16 +319,19 @@ int gathered_gemm(const float* W, long ldw, const int64_t* rows, long M,
 
 /*
  * A stride-1 convolution whose output has the input's size H x Wd: input x
- * (kc, H, Wd), weight W (*, ldw) of kh x kw taps at dilation (dh, dw) and
- * padding (ph, pw) with dh * (kh - 1) = 2 * ph and dw * (kw - 1) = 2 * pw,
- * out (M, H, Wd); res (*, H, Wd) or NULL. Returns 0, or -1 without memory.
+ * (kc, H, Wd), weight W (R, ldw = C * kh * kw) of kh x kw taps at dilation
+ * (dh, dw) and padding (ph, pw) with dh * (kh - 1) = 2 * ph and
+ * dw * (kw - 1) = 2 * pw, out (M, H, Wd); res (R, H, Wd) or NULL. Returns 0,
+ * -1 without memory, -2 for an index out of range.
  */
-int gathered_conv(const float* W, long ldw, const int64_t* rows, long M,
-                  const int64_t* cidx, long kc, long kh, long kw, long dh,
-                  long dw, long ph, long pw, const float* x, long H, long Wd,
-                  const float* bias, const float* res, int relu, float* out,
-                  int nthreads)
+int gathered_conv(const float* W, long R, long ldw, const int64_t* rows,
+                  long M, const int64_t* cidx, long kc, long kh, long kw,
+                  long dh, long dw, long ph, long pw, const float* x, long H,
+                  long Wd, const float* bias, const float* res, int relu,
+                  float* out, int nthreads)
 {
+    if (!in_range(rows, M, R) || !in_range(cidx, kc, ldw / (kh * kw)))
+        return -2;
     long Wp = Wd + 2 * pw, Hp = H + 2 * ph, plane = Hp * Wp;
     long N = (H - 1) * Wp + Wd, col_tiles = (N + NC - 1) / NC;
     int32_t* wch = channel_offsets(cidx, kc, kh * kw);
