@@ -612,7 +612,11 @@ def _segment_batch(plan: _Plan, h: torch.Tensor, gates: List[torch.Tensor],
     n = h.shape[0]
     if n == 1:
         indices = [_open_index(g[0]) for g in gates]
-        if any(idx is not None for idx in indices):
+        # Where every pattern-dependent conv reads its weight in place,
+        # fewer channels always cost less: no estimate needed.
+        if any(idx is not None for idx in indices) and not all(
+                plan.reads_in_place(j, 1)
+                for j in range(plan.start, plan.end + 1)):
             counts = [g.shape[1] if idx is None else idx.numel()
                       for g, idx in zip(gates, indices)]
             if plan.cost(counts, 1) >= plan.cost(plan.full_counts(), 1):

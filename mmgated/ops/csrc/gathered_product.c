@@ -39,6 +39,9 @@
 #define NC 64
 /* Reduction rows (channel taps) per pass, so a pass's source stays in L2. */
 #define RC 2048
+/* Bytes of weight rows per pass below which column tiles are the outer
+ * loop (see product). */
+#define L2_WEIGHTS (512 * 1024)
 
 /*
  * Where the reduction reads: input channel j's tap (a, b), a < kh, b < kw,
@@ -250,14 +253,20 @@ static void product(const float* W, long ldw, const int64_t* rows, long M,
     long row_tiles = (M + MB - 1) / MB, col_tiles = (N + NC - 1) / NC;
     long tiles = row_tiles * col_tiles, G = taps->kh * taps->kw;
     long jc = RC / G > 0 ? RC / G : 1;
+    int columns_outer = (double)M * (jc < kc ? jc : kc) * G * sizeof(float)
+                        <= L2_WEIGHTS;
     for (long j0 = 0; j0 < kc || j0 == 0; j0 += jc) {
         long j1 = j0 + jc < kc ? j0 + jc : kc;
-        /* Tiles round-robin: both threads share a row tile's weights and
-         * take turns over its column tiles, which balances small and
-         * partial row tiles. */
-        #pragma omp parallel for num_threads(nthreads) schedule(static, 1) if (nthreads > 1)
+        /* Each thread takes a contiguous run of tiles. Where the weight
+         * rows of the product fit in L2, column tiles are the outer order:
+         * a thread keeps its columns of the map in cache over all rows
+         * (large maps, small weights: the early stages). Otherwise row
+         * tiles are: a thread keeps its weight rows over all columns. */
+        #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
         for (long b = 0; b < tiles; b++) {
-            long m0 = (b / col_tiles) * MB, ct = b % col_tiles, n0 = ct * NC;
+            long rt = columns_outer ? b % row_tiles : b / col_tiles;
+            long ct = columns_outer ? b / row_tiles : b % col_tiles;
+            long m0 = rt * MB, n0 = ct * NC;
             long mb = M - m0 < MB ? M - m0 : MB, at = start ? start[ct] : n0;
             const float* wr[MB];
             const float* rr[MB];
