@@ -23,6 +23,7 @@ def _load(name):
 
 gated_inference = _load('gated_inference')
 train_overhead = _load('train_overhead')
+gathered_conv = _load('gathered_conv')
 
 
 @pytest.fixture(autouse=True)
@@ -188,6 +189,30 @@ def test_other_ways(monkeypatch):
             '| skip, no direct convs ms | skip, uncompiled ms |') in table
     assert len(table.splitlines()[1].split('|')) == len(
         table.splitlines()[2].split('|'))
+
+
+def test_gathered_conv_rows(monkeypatch):
+    """benchmarks/gathered_conv.py times each ResNet-34 stage's conv three
+    ways, output- and input-gated, and refuses to run without the compiled
+    operations (there would be nothing to compare)."""
+    from mmgated.ops import native_available
+    if not native_available():
+        pytest.skip('no C compiler')
+    rows = gathered_conv.main(
+        ['--fractions', '0.5', '--repeats', '1', '--copies', '1',
+         '--threads', '1'])
+    assert [(r['channels'], r['gated']) for r in rows] == [
+        (c, g) for c, _ in gathered_conv.STAGES for g in ('output', 'input')]
+    for r in rows:
+        assert r['open'] == r['channels'] // 2
+        assert min(r['dense_ms'], r['gathered_ms'], r['direct_ms']) > 0
+        assert r['direct_vs_dense'] == pytest.approx(r['direct_ms'] /
+                                                     r['dense_ms'])
+    assert len(gathered_conv.markdown(rows).splitlines()) == 2 + len(rows)
+    monkeypatch.setattr(importlib.import_module('mmgated.ops.native'),
+                        '_library', False)
+    with pytest.raises(SystemExit, match='not available'):
+        gathered_conv.main(['--repeats', '1'])
 
 
 def test_train_overhead_row():

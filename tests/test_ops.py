@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from mmgated.models import ChannelGate
-from mmgated.ops import (gate_logits, gate_logits_reference,
-                         gathered_conv2d, gathered_conv2d_reference,
-                         gathered_gemm, gathered_gemm_reference,
-                         native_available)
+from mmgated.ops import (direct_conv_fast, gate_logits,
+                         gate_logits_reference, gathered_conv2d,
+                         gathered_conv2d_reference, gathered_gemm,
+                         gathered_gemm_reference, native_available)
 
 native_module = importlib.import_module('mmgated.ops.native')
 
@@ -192,6 +192,18 @@ def test_portable_build(monkeypatch, tmp_path):
     torch.testing.assert_close(gathered_gemm(*args),
                                gathered_gemm_reference(*args), rtol=1e-4,
                                atol=1e-4)
+    # Without the AVX-512 tiles skip execution leaves convolutions to oneDNN.
+    assert not direct_conv_fast()
+
+
+def test_direct_conv_fast_on_avx512():
+    """The default build (-march=native) has the AVX-512 tiles exactly
+    where the CPU has AVX-512."""
+    if not native_available():
+        pytest.skip('no C compiler')
+    with open('/proc/cpuinfo') as f:
+        flags = next((line for line in f if line.startswith('flags')), '')
+    assert direct_conv_fast() == ('avx512f' in flags.split())
 
 
 @pytest.mark.parametrize('compiled', [True, False])

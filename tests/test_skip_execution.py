@@ -11,6 +11,7 @@ from mmgated.models import (ChannelGate, force_gates, gate_modules,
                             set_gate_execution)
 from mmgated.models import skip_execution
 from mmgated.models.blocks import is_gated_block
+from mmgated.ops import direct_conv_fast
 
 mmseg_models = pytest.importorskip('mmseg.registry').MODELS
 mmpretrain_models = pytest.importorskip('mmpretrain.registry').MODELS
@@ -239,7 +240,7 @@ def test_single_samples_read_weights_in_place(key, compiled, monkeypatch):
     def sparse_layer(plan, j, h, in_idx, out_idx, finish=None):
         if (in_idx is not None or out_idx is not None) and h.shape[1] > 0:
             restricted.append(
-                (plan.same_size[j], plan.sizes[j][0] * plan.sizes[j][1]))
+                (plan.direct_capable[j], plan.sizes[j][0] * plan.sizes[j][1]))
         return original_layer(plan, j, h, in_idx, out_idx, finish)
 
     monkeypatch.setattr(skip_execution._Plan, 'sparse_layer', sparse_layer)
@@ -253,7 +254,11 @@ def test_single_samples_read_weights_in_place(key, compiled, monkeypatch):
     same = [p for keeps, p in restricted if keeps]
     small_strided = [p for keeps, p in restricted if not keeps and p <= bound]
     assert same and small_strided
-    if compiled:
+    # The direct convolution runs with the AVX-512 tiles only (where it is
+    # faster than oneDNN); compiled without them, the small maps use
+    # gathered_gemm as without a compiler.
+    direct = compiled and direct_conv_fast()
+    if direct:
         assert len(calls['conv']) == len(same)
         assert len(calls['gemm']) == len(small_strided)
         # Open rows, open input channels, and the shortcut with the ReLU
@@ -271,7 +276,34 @@ def test_single_samples_read_weights_in_place(key, compiled, monkeypatch):
         calls[kind].clear()
     _check_equal(model, x, 1.0)
     assert not calls['gemm']
-    assert not compiled or calls['conv']
+    assert bool(calls['conv']) == direct
+
+
+def test_direct_convs_within_their_cache_budget(monkeypatch):
+    """Convolutions whose weight and padded input both exceed the budgets
+    of gathered_conv2d gather for oneDNN instead; the result is the
+    same."""
+    if not direct_conv_fast():
+        pytest.skip('no AVX-512 tiles')
+    calls = []
+    original = skip_execution.gathered_conv2d_unchecked
+
+    def counted(x, weight, *args, **kwargs):
+        calls.append(weight.numel())
+        return original(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(skip_execution, 'gathered_conv2d_unchecked', counted)
+    model, size = _backbone('basic')
+    x = torch.randn(1, 3, 2 * size, 2 * size)
+    # ResNet-18's weights: 64x64x3x3 (147 KB) to 512x512x3x3 (9.4 MB).
+    monkeypatch.setattr(skip_execution, 'DIRECT_WEIGHT_BYTES', 150 * 1024)
+    monkeypatch.setattr(skip_execution, 'DIRECT_INPUT_BYTES', 0)
+    _check_equal(model, x, 0.5, seed=3)
+    assert calls and max(calls) == 64 * 64 * 9
+    calls.clear()
+    monkeypatch.setattr(skip_execution, 'DIRECT_WEIGHT_BYTES', 0)
+    _check_equal(model, x, 0.5, seed=3)
+    assert not calls
 
 
 def test_non_relu_activation():

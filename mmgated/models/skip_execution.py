@@ -72,7 +72,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import gathered_gemm, keeps_size, native_available
+from ..ops import direct_conv_fast, gathered_gemm, keeps_size
 from ..ops.gathered_conv import gathered_conv2d_unchecked
 from .folding import bn_scale_shift, cached_on
 from .gates import GATE_EXECUTIONS
@@ -303,6 +303,14 @@ STRIDED_GATHER_MAX = 256 * 256 * 9
 # oneDNN is as fast or faster with all channels open, docs/benchmarks.md).
 WEIGHT_BOUND_PIXELS = 64
 
+# gathered_conv2d keeps one operand in L2 while it streams the other: the
+# weight (if it has at most 512 KB, see csrc/gathered_product.c) or else the
+# zero-padded input map. Where both are larger than this (the 32x32 maps of
+# 256-512 channels in PSPNet-R50-D8's stages 3-4) it would read one of them
+# from memory for every tile; oneDNN blocks such products better.
+DIRECT_WEIGHT_BYTES = 512 * 1024
+DIRECT_INPUT_BYTES = 1024 * 1024
+
 # Names of the weight copies cached on a convolution (see cached_on).
 _CACHES = ('_skip_folded', '_skip_transposed')
 
@@ -338,6 +346,16 @@ def _folded_transposed(conv: nn.Conv2d, norm: nn.Module):
         lambda: weight.transpose(0, 1).flip((2, 3)).contiguous())
 
 
+def _fits_direct(conv: nn.Conv2d, height: int, width: int) -> bool:
+    """Whether the weight or the padded input of ``conv`` on a map of
+    ``height x width`` (stride 1, all channels) fits the cache budget of
+    gathered_conv2d (``DIRECT_WEIGHT_BYTES``, ``DIRECT_INPUT_BYTES``)."""
+    (ph, pw), bytes_ = conv.padding, 4
+    padded_input = conv.in_channels * (height + 2 * ph) * (width + 2 * pw)
+    return (conv.weight.numel() * bytes_ <= DIRECT_WEIGHT_BYTES
+            or padded_input * bytes_ <= DIRECT_INPUT_BYTES)
+
+
 class _Plan:
     """The layers of one block and what to compute of them for a batch."""
 
@@ -358,11 +376,13 @@ class _Plan:
             size = conv_output_size(conv, *size)
             sizes.append(size)
         self.sizes = sizes
-        # Convs that mmgated.ops.gathered_conv2d can run (see direct).
-        self.same_size = [
+        # Convs that mmgated.ops.gathered_conv2d can run, and run fast (see
+        # direct; stride 1: the output has the input's size).
+        self.direct_capable = [
             tuple(conv.stride) == (1, 1) and keeps_size(
                 conv.kernel_size, conv.padding, conv.dilation)
-            for conv in self.convs
+            and _fits_direct(conv, *size)
+            for conv, size in zip(self.convs, sizes)
         ]
         self.device_type = x.device.type
 
@@ -477,14 +497,18 @@ class _Plan:
         """Whether conv ``j`` on ``n`` samples runs as
         :func:`~mmgated.ops.gathered_conv2d` (for float32 inputs without
         gradient): a single sample on the CPU, a stride-1 conv whose output
-        keeps the input's size (3x3 convs of ResNet blocks), the compiled
-        operations at hand, and either some channels closed
-        (``restricted``) or at most ``WEIGHT_BOUND_PIXELS`` output pixels
-        (with every channel open, oneDNN is as fast on larger maps)."""
+        keeps the input's size (3x3 convs of ResNet blocks) and whose weight
+        or input fits its cache budget (``DIRECT_WEIGHT_BYTES``,
+        ``DIRECT_INPUT_BYTES``), the compiled
+        operations at hand with their AVX-512 tiles
+        (:func:`~mmgated.ops.direct_conv_fast`), and either some channels
+        closed (``restricted``) or at most ``WEIGHT_BOUND_PIXELS`` output
+        pixels (with every channel open, oneDNN is as fast on larger
+        maps)."""
         height, width = self.sizes[j]
-        return (n == 1 and self.device_type == 'cpu' and self.same_size[j]
+        return (n == 1 and self.device_type == 'cpu' and self.direct_capable[j]
                 and (restricted or height * width <= WEIGHT_BOUND_PIXELS)
-                and native_available())
+                and direct_conv_fast())
 
     def weight_bound(self, j, n) -> bool:
         """Whether conv ``j`` on ``n`` samples is a single sample on the

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .gathered_gemm import check_index, check_ranges, raise_for_status
-from .native import check_tensor, native_function, pointer
+from .native import check_tensor, native_function, native_library, pointer
 
 # The compiled function's argument types, in the order of its C signature.
 _ARGTYPES = [
@@ -56,6 +56,23 @@ def keeps_size(kernel_size, padding, dilation) -> bool:
     its input's size, as :func:`gathered_conv2d` needs."""
     return all(d * (k - 1) == 2 * p
                for k, p, d in zip(kernel_size, padding, dilation))
+
+
+def direct_conv_fast() -> bool:
+    """Whether :func:`gathered_conv2d` runs compiled with its AVX-512
+    tiles. Only then is it faster than gathering the open weights for
+    oneDNN, so skip execution uses it only then (the result is the same
+    either way)."""
+    library = native_library()
+    if library is None:
+        return False
+    # Asked once per loaded library: skip execution asks per convolution.
+    fast = library.__dict__.get('_mmgated_vectorized')
+    if fast is None:
+        function = native_function('gathered_product_vectorized', [],
+                                   ctypes.c_int)
+        fast = library.__dict__['_mmgated_vectorized'] = bool(function())
+    return fast
 
 
 def _check(name, tensor, dim):

@@ -40,7 +40,7 @@
 /* Reduction rows (channel taps) per pass, so a pass's source stays in L2. */
 #define RC 2048
 /* Bytes of weight rows per pass below which column tiles are the outer
- * loop (see product). */
+ * loop (see product); skip execution's DIRECT_WEIGHT_BYTES matches it. */
 #define L2_WEIGHTS (512 * 1024)
 
 /*
@@ -283,6 +283,17 @@ static void product(const float* W, long ldw, const int64_t* rows, long M,
             TILE(&T);
         }
     }
+}
+
+/* 1 if the tiles are the AVX-512 ones, 0 for the plain C ones (compiled
+ * without AVX-512), where a direct convolution does not beat oneDNN. */
+int gathered_product_vectorized(void)
+{
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* Whether all n indices (none if idx is NULL) lie in [0, size). */

@@ -1,0 +1,166 @@
+"""Latency of one convolution over open channels, three ways.
+
+For the 3x3 convolutions of ResNet-34's stages at 224x224 (one sample), with
+some of the channels open, this times:
+
+* ``dense``: ``F.conv2d`` with all channels (oneDNN), the dense network's
+  layer;
+* ``gathered``: the open part of the weight gathered with ``index_select``,
+  then oneDNN, as skip execution does without the compiled operations;
+* ``direct``: :func:`mmgated.ops.gathered_conv2d`, which reads the open part
+  of the weight in place.
+
+Each for the output-gated convolution (open output channels, all inputs:
+conv1 of a block) and the input-gated one (open input channels, all
+outputs: conv2). The weights cycle through several copies, so that they come
+from memory as in a network rather than from cache. It reports the median
+latency and the rate in GMAC/s of the open channels' MACs.
+
+Example::
+
+    python benchmarks/gathered_conv.py --threads 1 --fractions 0.5 1.0
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+
+# (channels, map size) of ResNet-34's 3x3 stride-1 convolutions at 224x224
+STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='One convolution over open channels: dense oneDNN, '
+        'gathered weights + oneDNN, mmgated.ops.gathered_conv2d')
+    parser.add_argument(
+        '--fractions', nargs='+', type=float, default=[0.5, 1.0],
+        help='fractions of the gated channels open (rounded, at random)')
+    parser.add_argument(
+        '--repeats', type=int, default=40, help='timed calls of each way')
+    parser.add_argument(
+        '--threads', type=int, default=None,
+        help='torch.set_num_threads (default: all cores of this process)')
+    parser.add_argument(
+        '--copies', type=int, default=6,
+        help='weight copies cycled through, so that weights come from memory')
+    parser.add_argument('--seed', type=int, default=0, help='random seed')
+    parser.add_argument('--out', help='write the results to this JSON file')
+    args = parser.parse_args(argv)
+    for value in args.fractions:
+        if not 0 < value <= 1:
+            raise SystemExit(f'--fractions: {value} is not in (0, 1]')
+    if args.repeats < 1 or args.copies < 1:
+        raise SystemExit('--repeats and --copies must be >= 1')
+    return args
+
+
+def _median_ms(call, repeats):
+    call(0)
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        call(i)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+def benchmark(channels, size, fraction, args):
+    """Rows for one stage and fraction: output-gated and input-gated."""
+    from mmgated.ops import gathered_conv2d
+    gen = torch.Generator().manual_seed(args.seed)
+    weights = [
+        torch.randn(channels, channels, 3, 3, generator=gen)
+        for _ in range(args.copies)
+    ]
+    bias = torch.randn(channels, generator=gen)
+    count = max(1, round(fraction * channels))
+    open_ = torch.randperm(channels, generator=gen)[:count].sort()[0]
+    full = torch.randn(1, channels, size, size, generator=gen)
+    part = torch.randn(1, count, size, size, generator=gen)
+    macs = count * channels * 9 * size * size
+
+    def weight(i):
+        return weights[i % len(weights)]
+
+    rows = []
+    for gated, x in (('output', full), ('input', part)):
+        if gated == 'output':
+
+            def gathered(i):
+                F.conv2d(full, weight(i).index_select(0, open_),
+                         bias.index_select(0, open_), 1, 1)
+
+            def direct(i):
+                gathered_conv2d(full, weight(i), bias, 1, 1, rows=open_)
+        else:
+
+            def gathered(i):
+                F.conv2d(part, weight(i).index_select(1, open_), bias, 1, 1)
+
+            def direct(i):
+                gathered_conv2d(part, weight(i), bias, 1, 1, col_groups=open_)
+
+        times = dict(
+            dense=_median_ms(lambda i: F.conv2d(full, weight(i), bias, 1, 1),
+                             args.repeats),
+            gathered=_median_ms(gathered, args.repeats),
+            direct=_median_ms(direct, args.repeats))
+        rows.append(
+            dict(channels=channels, size=size, gated=gated, open=count,
+                 **{f'{k}_ms': v for k, v in times.items()},
+                 direct_gmacs=macs / times['direct'] / 1e6,
+                 direct_vs_gathered=times['direct'] / times['gathered'],
+                 direct_vs_dense=times['direct'] / times['dense']))
+    return rows
+
+
+def markdown(rows):
+    lines = [
+        '| channels | map | gated | open | dense ms | gathered + oneDNN ms '
+        '| direct ms | direct GMAC/s | direct/gathered | direct/dense |',
+        '|---:|---|---|---:|---:|---:|---:|---:|---:|---:|'
+    ]
+    for r in rows:
+        lines.append(
+            f'| {r["channels"]} | {r["size"]}x{r["size"]} | {r["gated"]} | '
+            f'{r["open"]} | {r["dense_ms"]:.2f} | {r["gathered_ms"]:.2f} | '
+            f'{r["direct_ms"]:.2f} | {r["direct_gmacs"]:.1f} | '
+            f'{r["direct_vs_gathered"]:.2f} | {r["direct_vs_dense"]:.2f} |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from mmgated.ops import native_available
+    if not native_available():
+        raise SystemExit('the compiled operations are not available (no C '
+                         'compiler, or MMGATED_NATIVE=0): nothing to compare')
+    rows = []
+    for fraction in args.fractions:
+        for channels, size in STAGES:
+            rows.extend(benchmark(channels, size, fraction, args))
+    from gated_inference import environment
+    env = environment(args)
+    print(f'torch {env["torch"]}, {env["cpu"]}, {env["threads"]} threads; '
+          f'median of {args.repeats} calls, wall clock')
+    print(markdown(rows))
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(dict(environment=env, args=vars(args), rows=rows), f,
+                      indent=1)
+    return rows
+
+
+if __name__ == '__main__':
+    main()
