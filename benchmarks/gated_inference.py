@@ -541,6 +541,15 @@ def environment(args):
     return env
 
 
+def save_results(path, env, args, rows):
+    """Write the rows with the environment and the arguments to ``path`` as
+    JSON; nothing if ``path`` is empty."""
+    if path:
+        with open(path, 'w') as f:
+            json.dump(dict(environment=env, args=vars(args), rows=rows), f,
+                      indent=2)
+
+
 def main(argv=None):
     args = parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -567,10 +576,7 @@ def main(argv=None):
           f'{env["loadavg_after"][0]:.2f}; median of {args.repeats} runs, '
           f'{args.clock} clock, {args.pattern} gates')
     print(markdown(rows))
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(environment=env, args=vars(args), rows=rows), f,
-                      indent=2)
+    save_results(args.out, env, args, rows)
     return rows
 
 

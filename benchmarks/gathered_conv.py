@@ -21,7 +21,6 @@ Example::
     python benchmarks/gathered_conv.py --threads 1 --fractions 0.5 1.0
 """
 import argparse
-import json
 import os.path as osp
 import sys
 import time
@@ -150,15 +149,12 @@ def main(argv=None):
     for fraction in args.fractions:
         for channels, size in STAGES:
             rows.extend(benchmark(channels, size, fraction, args))
-    from gated_inference import environment
+    from gated_inference import environment, save_results
     env = environment(args)
     print(f'torch {env["torch"]}, {env["cpu"]}, {env["threads"]} threads; '
           f'median of {args.repeats} calls, wall clock')
     print(markdown(rows))
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(environment=env, args=vars(args), rows=rows), f,
-                      indent=1)
+    save_results(args.out, env, args, rows)
     return rows
 
 

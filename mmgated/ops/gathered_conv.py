@@ -34,12 +34,15 @@ from .native import check_tensor, native_function, native_library, pointer
 
 # The compiled function's argument types, in the order of its C signature.
 _ARGTYPES = [
-    ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-    ctypes.c_long,
-    ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
-    ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
-    ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-    ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int
+    ctypes.c_void_p,  # W
+    ctypes.c_long, ctypes.c_long,  # R, ldw
+    ctypes.c_void_p, ctypes.c_long,  # rows, M
+    ctypes.c_void_p, ctypes.c_long,  # cidx, kc
+    ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,  # kh kw dh dw
+    ctypes.c_long, ctypes.c_long,  # ph, pw
+    ctypes.c_void_p, ctypes.c_long, ctypes.c_long,  # x, H, W
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # bias, res, relu
+    ctypes.c_void_p, ctypes.c_int  # out, threads
 ]
 
 

@@ -30,11 +30,13 @@ from .native import check_tensor, native_function, pointer
 
 # The compiled function's argument types, in the order of its C signature.
 _ARGTYPES = [
-    ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-    ctypes.c_long,
-    ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-    ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-    ctypes.c_int
+    ctypes.c_void_p,  # W
+    ctypes.c_long, ctypes.c_long,  # R, ldw
+    ctypes.c_void_p, ctypes.c_long,  # rows, M
+    ctypes.c_void_p, ctypes.c_long, ctypes.c_long,  # cidx, kc, G
+    ctypes.c_void_p, ctypes.c_long,  # cols, N
+    ctypes.c_void_p, ctypes.c_int,  # bias, relu
+    ctypes.c_void_p, ctypes.c_int  # out, threads
 ]
 
 
