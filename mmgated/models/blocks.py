@@ -118,9 +118,12 @@ class _GatedBlockMixin:
         return [modules[name](x) if name in modules else None
                 for name in self.gate_names]
 
+    def _shortcut(self, x):
+        return x if self.downsample is None else self.downsample(x)
+
     def _inner_forward(self, x, *gates):
         """Residual branch plus shortcut, before the final activation."""
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = self._shortcut(x)
         out = self._residual(x, *gates)
         drop_path = self._modules.get('drop_path')  # mmpretrain only
         if drop_path is not None:
@@ -149,7 +152,7 @@ class _GatedBlockMixin:
         branch's last convolution."""
         check_skip_mode(self)
         gates = self._gates(x)
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = self._shortcut(x)
         return skip_residual(self, x, *gates, shortcut=identity, relu=True)
 
 

@@ -11,8 +11,8 @@ convolutions of ResNet blocks, dilated or not),
     y = act(conv2d(x, W[rows][:, col_groups], bias[rows], padding, dilation)
             + residual[rows])
 
-without copying the selected part of ``W`` out, without im2col and without
-a padded copy of ``x``. At batch 1 a convolution reads its whole weight for
+without copying the selected part of ``W`` out and without im2col (the
+compiled function makes one zero-padded copy of ``x``). At batch 1 a convolution reads its whole weight for
 few pixels; PyTorch's path gathers the open channels (a pass through memory)
 and oneDNN reorders the copy into its blocked layout on every call (another)
 before it computes. Skip execution uses this for the stride-1 convolutions

@@ -86,6 +86,8 @@ static void tile_masks(const Tile* T, uint16_t v[4], long off[4])
     }
 }
 
+#ifndef __AVX512F__
+/* The plain C tile, for builds without AVX-512. */
 static void tile_generic(const Tile* T)
 {
     const Taps* P = T->taps;
@@ -122,6 +124,8 @@ static void tile_generic(const Tile* T)
         }
     }
 }
+
+#endif
 
 #ifdef __AVX512F__
 #include <immintrin.h>
