@@ -23,6 +23,7 @@ Example::
         --batch-size 8 --repeats 20
 """
 import argparse
+import copy
 import json
 import logging
 import os
@@ -52,6 +53,11 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', help='write the results to this JSON file')
+    parser.add_argument(
+        '--unfused', action='store_true',
+        help='also time the gated model as the earlier rounds ran it: the '
+        'gating modules and the gated ReLU as separate PyTorch operations, '
+        'the batch-shaping loss sorting with torch.sort')
     args = parser.parse_args(argv)
     if args.batch_size < 2:
         raise SystemExit(f'--batch-size {args.batch_size}: batch-shaping '
@@ -100,6 +106,31 @@ def build_models(depth, device, seed):
     return dense, gated
 
 
+class unfused:
+    """Within: gated models train with the gating module, the gated ReLU
+    and the batch-shaping loss's sort as separate PyTorch operations (the
+    earlier rounds' library), not the fused autograd nodes and compiled
+    calls."""
+
+    def __enter__(self):
+        import mmgated.models.blocks as blocks
+        import mmgated.models.gates as gates
+        import mmgated.models.losses.batch_shaping_loss as bs
+        self.saved = [(gates, 'can_fuse', gates.can_fuse),
+                      (blocks, 'gated_relu', blocks.gated_relu),
+                      (bs, 'sort_columns', bs.sort_columns)]
+        gates.can_fuse = lambda gate, x: False
+        blocks.gated_relu = \
+            lambda x, g: x.relu_() * g.to(x.dtype)[:, :, None, None]
+        bs.sort_columns = lambda x: torch.sort(x, dim=0)[0]
+        return self
+
+    def __exit__(self, *exc_info):
+        for module, name, value in self.saved:
+            setattr(module, name, value)
+        return False
+
+
 def _sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -144,11 +175,31 @@ def make_step(model, optimizer, inputs, samples, device, record=None):
 
 def gate_loss_backward_time(gated, device):
     """Seconds of the backward pass of the gate losses alone, down to the
-    gate probabilities of the last forward pass (untimed in the step)."""
-    from mmgated.models import collect_gates
-    losses = gated.gate_losses.original()
+    gate probabilities and relaxed samples of the last forward pass
+    (untimed in the step).
+
+    The losses run on detached copies of those, so that the backward
+    stops there: the gating module computes them in one autograd node with
+    its other outputs, which a gradient with respect to them would run.
+    """
+    from mmgated.models import gate_modules
+    from mmgated.models.gates import GateOutput
+    modules = [m for m in gate_modules(gated).values()
+               if m.output is not None]
+    recorded = [m.output for m in modules]
+    leaves = []
+    for module, out in zip(modules, recorded):
+        probs = out.probs.detach().requires_grad_()
+        relaxed = out.relaxed.detach().requires_grad_()
+        leaves += [probs, relaxed]
+        module.output = GateOutput(out.logits.detach(), probs, relaxed,
+                                   out.gates.detach())
+    try:
+        losses = gated.gate_losses.original()
+    finally:
+        for module, out in zip(modules, recorded):
+            module.output = out
     total = sum(v for k, v in losses.items() if k.startswith('loss'))
-    leaves = [o.probs for o in collect_gates(gated).values()]
     _sync(device)
     start = time.perf_counter()
     torch.autograd.grad(total, leaves, retain_graph=False,
@@ -165,19 +216,30 @@ def benchmark(depth, args, device):
                          generator=gen).to(device)
     labels = torch.randint(1000, (args.batch_size, ), generator=gen)
     samples = [DataSample().set_gt_label(int(label)) for label in labels]
+    models = [('dense', dense), ('gated', gated)]
+    if args.unfused:
+        models.append(('unfused', copy.deepcopy(gated)))
     timer = GateLossTimer(gated, device)
     steps, records = OrderedDict(), {}
-    for name, model in (('dense', dense), ('gated', gated)):
+    for name, model in models:
         optimizer = torch.optim.SGD(
             model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         records[name] = {}
         steps[name] = make_step(model, optimizer, inputs, samples, device,
                                 records[name])
+    if args.unfused:
+        step_fused = steps['unfused']
+
+        def step_unfused():
+            with unfused():
+                return step_fused()
+
+        steps['unfused'] = step_unfused
     times = {name: [] for name in steps}
     forward_times = {name: [] for name in steps}
     gate_loss, gate_loss_share, gate_backward = [], [], []
     for i in range(args.warmup + args.repeats):
-        # Alternate which model goes first, so neither always follows the
+        # Alternate the order, so that no model always follows the same
         # other's memory traffic.
         order = list(steps) if i % 2 == 0 else list(steps)[::-1]
         for name in order:
@@ -210,7 +272,7 @@ def benchmark(depth, args, device):
             times[name], forward_times[name])) * 1e3
         for name in steps
     }
-    return OrderedDict(
+    row = OrderedDict(
         model=f'resnet{depth}',
         size=args.size,
         batch=args.batch_size,
@@ -228,18 +290,30 @@ def benchmark(depth, args, device):
         backward_overhead=rest['gated'] / rest['dense'],
         dense_all_ms=[t * 1e3 for t in times['dense']],
         gated_all_ms=[t * 1e3 for t in times['gated']])
+    if args.unfused:
+        unfused_ms = statistics.median(times['unfused']) * 1e3
+        row.update(
+            unfused_ms=unfused_ms,
+            unfused_overhead=unfused_ms / dense_ms,
+            unfused_forward_overhead=forward['unfused'] / forward['dense'],
+            unfused_all_ms=[t * 1e3 for t in times['unfused']])
+    return row
 
 
 def markdown(rows):
+    unfused = all('unfused_ms' in r for r in rows)
+    extra = ' unfused step ms | unfused/dense | unfused forward/dense |' \
+        if unfused else ''
     lines = [
         '| model | input | batch | device | dense step ms | gated step ms '
         '| gated/dense | gate losses ms | share of step | + their backward '
         'ms | fwd+bwd share | forward gated/dense | backward + step '
-        'gated/dense |',
-        '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+        'gated/dense |' + extra,
+        '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|' +
+        ('---:|' * 3 if unfused else '')
     ]
     for r in rows:
-        lines.append(
+        line = (
             f'| {r["model"]} | {r["size"]}x{r["size"]} | {r["batch"]} | '
             f'{r["device"]} | {r["dense_ms"]:.1f} | {r["gated_ms"]:.1f} | '
             f'{r["overhead"]:.3f} | {r["gate_loss_ms"]:.2f} | '
@@ -247,6 +321,10 @@ def markdown(rows):
             f'{r["gate_loss_backward_ms"]:.2f} | '
             f'{r["gate_loss_fwd_bwd_share"] * 100:.2f} % | '
             f'{r["forward_overhead"]:.3f} | {r["backward_overhead"]:.3f} |')
+        if unfused:
+            line += (f' {r["unfused_ms"]:.1f} | {r["unfused_overhead"]:.3f} '
+                     f'| {r["unfused_forward_overhead"]:.3f} |')
+        lines.append(line)
     return '\n'.join(lines)
 
 

@@ -235,6 +235,40 @@ def test_train_overhead_row():
     assert {line.count('|') for line in lines} == {14}
 
 
+def test_train_overhead_unfused():
+    """``--unfused`` times the earlier rounds' gated step in the same run,
+    and leaves the library as it was."""
+    import mmgated.models.blocks as blocks
+    import mmgated.models.gates as gates
+    from mmgated.models import collect_gates
+    from mmgated.models.backbones.mmpretrain_resnet import GatedResNet
+    fused_functions = (gates.can_fuse, blocks.gated_relu)
+    model = GatedResNet(depth=18).train()
+    x = torch.randn(2, 3, 32, 32)
+    with train_overhead.unfused():
+        model(x)
+        names = {type(o.logits.grad_fn).__name__
+                 for o in collect_gates(model).values()}
+    assert names == {'AddmmBackward0'}
+    assert (gates.can_fuse, blocks.gated_relu) == fused_functions
+    model(x)
+    names = {type(o.logits.grad_fn).__name__
+             for o in collect_gates(model).values()}
+    assert names == {'_TrainingGateBackward'}
+
+    args = train_overhead.parse_args([
+        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
+        '1', '--warmup', '0', '--threads', '1', '--unfused'
+    ])
+    torch.set_num_threads(1)
+    row = train_overhead.benchmark(18, args, torch.device('cpu'))
+    assert row['unfused_overhead'] == pytest.approx(row['unfused_ms'] /
+                                                    row['dense_ms'])
+    assert row['unfused_forward_overhead'] > 0
+    lines = train_overhead.markdown([row]).splitlines()
+    assert {line.count('|') for line in lines} == {17}
+
+
 def test_gated_inference_learned_gates_from_checkpoint(tmp_path):
     """``--checkpoint``: a classifier checkpoint's backbone weights and gate
     layout are loaded, and its learned gates are timed as one more row."""

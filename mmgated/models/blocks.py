@@ -35,6 +35,7 @@ no gradient back to the filter that made it (the paper's reason, section 4).
 import torch
 import torch.utils.checkpoint as cp
 
+from .gated_relu import gated_relu
 from .gates import ChannelGate, parse_gate_cfg
 from .skip_execution import check_skip_mode, skip_residual
 
@@ -91,14 +92,22 @@ class _GatedBlockMixin:
     def gated(self) -> bool:
         return self.gate_cfg is not None
 
-    def _apply_gate(self, out, gate, name, produced_by, consumed_by):
+    def _activate(self, out, gate, name, produced_by, consumed_by):
+        """``relu(out)``, times the gate of module ``name`` if gated."""
         if gate is None:
-            return out
+            return self.relu(out)
         module = getattr(self, name)
-        module.map_size = tuple(out.shape[2:])
-        module.controlled_macs = channel_macs(produced_by, consumed_by,
-                                              *module.map_size)
-        return out * gate.to(out.dtype)[:, :, None, None]
+        map_size = tuple(out.shape[2:])
+        if module.map_size != map_size or module.controlled_macs is None:
+            module.map_size = map_size
+            module.controlled_macs = channel_macs(produced_by, consumed_by,
+                                                  *map_size)
+        if type(self.relu) is torch.nn.ReLU \
+                and not torch.jit.is_tracing():
+            return gated_relu(out, gate)
+        # Other activations, and the MAC counters' traces, which count
+        # the product as the aten::mul it is.
+        return self.relu(out) * gate.to(out.dtype)[:, :, None, None]
 
     def gated_convs(self):
         """The convolutions of the residual branch with the names of the
@@ -169,8 +178,8 @@ class GatedBasicBlockMixin(_GatedBlockMixin):
                                     self._gate_norm_cfg)
 
     def _residual(self, x, gate):
-        out = self.relu(self.norm1(self.conv1(x)))
-        out = self._apply_gate(out, gate, 'gate', self.conv1, self.conv2)
+        out = self._activate(self.norm1(self.conv1(x)), gate, 'gate',
+                             self.conv1, self.conv2)
         return self.norm2(self.conv2(out))
 
 
@@ -202,11 +211,11 @@ class GatedBottleneckMixin(_GatedBlockMixin):
         return out
 
     def _residual(self, x, gate1, gate2):
-        out = self.relu(self.norm1(self.conv1(x)))
-        out = self._apply_gate(out, gate1, 'gate1', self.conv1, self.conv2)
+        out = self._activate(self.norm1(self.conv1(x)), gate1, 'gate1',
+                             self.conv1, self.conv2)
         out = self._plugins(out, 'conv1')
-        out = self.relu(self.norm2(self.conv2(out)))
-        out = self._apply_gate(out, gate2, 'gate2', self.conv2, self.conv3)
+        out = self._activate(self.norm2(self.conv2(out)), gate2, 'gate2',
+                             self.conv2, self.conv3)
         out = self._plugins(out, 'conv2')
         return self._plugins(self.norm3(self.conv3(out)), 'conv3')
 

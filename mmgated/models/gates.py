@@ -25,6 +25,7 @@ from mmengine.model import BaseModule, is_model_wrapper
 
 from ..ops import gate_logits
 from .folding import bn_scale_shift, cached_on
+from .fused_gate import can_fuse, fused_training_gate
 
 GATE_CFG_DEFAULTS = dict(
     hidden_channels=16,
@@ -152,6 +153,31 @@ def logistic_noise(like: torch.Tensor) -> torch.Tensor:
     return torch.logit(torch.rand_like(like), eps=1e-6)
 
 
+class _BinaryConcrete(torch.autograd.Function):
+    """Hard sample forward, relaxed gradient backward, as one autograd node
+    (it runs for every gate of every training step)."""
+
+    @staticmethod
+    def forward(ctx, logits, noise, tau):
+        ctx.set_materialize_grads(False)
+        noisy = logits + noise
+        relaxed = torch.sigmoid(noisy / tau)
+        hard = (noisy > 0).to(logits.dtype)
+        ctx.save_for_backward(relaxed)
+        ctx.tau = tau
+        return hard, relaxed
+
+    @staticmethod
+    def backward(ctx, grad_hard, grad_relaxed):
+        grads = [g for g in (grad_hard, grad_relaxed) if g is not None]
+        if not grads:
+            return None, None, None
+        (relaxed, ) = ctx.saved_tensors
+        grad = grads[0] if len(grads) == 1 else grads[0] + grads[1]
+        # d sigmoid(y / tau) / dy = s * (1 - s) / tau.
+        return grad * (relaxed * (1 - relaxed) * (1.0 / ctx.tau)), None, None
+
+
 def binary_concrete(logits: torch.Tensor,
                     tau: float,
                     noise: Optional[torch.Tensor] = None):
@@ -164,7 +190,8 @@ def binary_concrete(logits: torch.Tensor,
     Args:
         logits (Tensor): Gate logits ``ln(pi)``.
         tau (float): Temperature of the relaxation.
-        noise (Tensor, optional): Logistic noise; drawn when not given.
+        noise (Tensor, optional): Logistic noise; drawn when not given. No
+            gradient flows to it.
 
     Returns:
         tuple[Tensor, Tensor]: The hard gates (0/1 in value) and the relaxed
@@ -172,11 +199,7 @@ def binary_concrete(logits: torch.Tensor,
     """
     if noise is None:
         noise = logistic_noise(logits)
-    noisy = logits + noise
-    relaxed = torch.sigmoid(noisy / tau)
-    hard = (noisy > 0).to(logits.dtype)
-    # Forward value is exactly `hard`; the gradient is relaxed's.
-    return hard + (relaxed - relaxed.detach()), relaxed
+    return _BinaryConcrete.apply(logits, noise.detach(), float(tau))
 
 
 def _world_size() -> int:
@@ -236,7 +259,7 @@ class ChannelGate(BaseModule):
         self.force_generator: Optional[torch.Generator] = None
 
     def _normalize(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden[:, :, None, None]
+        hidden = hidden.view(*hidden.shape, 1, 1)
         norm = self.norm
         single_value = hidden.shape[0] == 1
         if (self.training and single_value
@@ -249,7 +272,7 @@ class ChannelGate(BaseModule):
                                   norm.weight, norm.bias, False, 0.0, norm.eps)
         else:
             hidden = norm(hidden)
-        return hidden.flatten(1)
+        return hidden.view(hidden.shape[:2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Compute the gates of a batch.
@@ -272,6 +295,10 @@ class ChannelGate(BaseModule):
             if folded is not None:
                 logits, gates = gate_logits(x, *folded)
                 return self._record(logits, None, None, gates)
+        if self.training and can_fuse(self, x):
+            # The same computation as below, as one autograd node.
+            noise = logistic_noise(x.new_empty(x.shape[0], self.out_channels))
+            return self._record(*fused_training_gate(self, x, noise))
         if tracing:
             # The MAC counters count the pooling as an aten::mean.
             pooled = x.mean(dim=(2, 3))

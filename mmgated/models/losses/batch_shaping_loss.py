@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ...ops.gate_training import sort_columns
 from ...registry import register_model
 from .priors import build_prior
 
@@ -132,7 +133,7 @@ class BatchShapingLoss(nn.Module):
                     world = dist.get_world_size()
                 x = gathered
             n = x.shape[0]
-            sorted_x, _ = torch.sort(x, dim=0)
+            sorted_x = sort_columns(x)
             target = torch.arange(
                 1, n + 1, device=x.device, dtype=x.dtype) / (n + 1)
             cdf = self.prior(sorted_x)

@@ -1,0 +1,309 @@
+/*
+ * The training forward and backward of a gating module and of the gated
+ * ReLU, each in one call (see mmgated/ops/gate_training.py).
+ *
+ * Gating module, for a batch of N block inputs x (N, C, HW):
+ *
+ *   pooled[n, c]  = mean_hw x[n, c, hw]
+ *   hidden[n, k]  = sum_c W1[k, c] * pooled[n, c]
+ *   xhat[n, k]    = (hidden[n, k] - mean_n hidden[., k]) * invstd[k]
+ *   active[n, k]  = relu(xhat[n, k] * bn_w[k] + bn_b[k])
+ *   logits[n, o]  = b2[o] + sum_k W2[o, k] * active[n, k]
+ *   relaxed       = (logits + noise) / tau  (the caller takes the sigmoid)
+ *   gates         = logits + noise > 0
+ *
+ * with the batch statistics of a BN in training (biased variance for the
+ * normalisation, unbiased for the running variance, as PyTorch). The module
+ * is some twenty operations on a few hundred values; as PyTorch operations
+ * their dispatch and autograd bookkeeping cost many times the arithmetic.
+ *
+ * Gated ReLU, for a map x (N, C, HW) and gates g (N, C):
+ *
+ *   forward:  x <- relu(x) (in place), out = x * g
+ *   backward: grad_x = g && x > 0 ? grad_out : 0,
+ *             grad_g[n, c] = sum_hw grad_out * x
+ *
+ * one pass over the map each way. All arrays are row-major float32.
+ */
+#include <math.h>
+#include <stddef.h>
+
+/*
+ * out[j] = scale * sum_i coeffs[i * coeff_stride] * rows[i * row_stride + j]
+ * for j < len: a product with a small matrix, its inner loop over a
+ * contiguous row. Every weight gradient of the gating module is one.
+ */
+static void combine_rows(float* out, long len, const float* coeffs,
+                         long coeff_stride, const float* rows,
+                         long row_stride, long count, float scale)
+{
+    for (long j = 0; j < len; j++)
+        out[j] = 0.f;
+    for (long i = 0; i < count; i++) {
+        float c = scale * coeffs[i * coeff_stride];
+        const float* r = rows + i * row_stride;
+        #pragma omp simd
+        for (long j = 0; j < len; j++)
+            out[j] += c * r[j];
+    }
+}
+
+/* Mean over HW of each of the P planes of x, times 1/HW. */
+static void pool_planes(const float* x, long P, long HW, float* pooled,
+                        int nthreads)
+{
+    float inv = 1.0f / (float)HW;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && P * HW >= 65536)
+    for (long p = 0; p < P; p++) {
+        const float* v = x + p * HW;
+        float s = 0.f;
+        #pragma omp simd reduction(+:s)
+        for (long i = 0; i < HW; i++)
+            s += v[i];
+        pooled[p] = s * inv;
+    }
+}
+
+/*
+ * Outputs: pooled (N, C), xhat (N, K), active (N, K), invstd (K), logits,
+ * relaxed (before its sigmoid), gates (N, O). running_mean / running_var (K) are updated
+ * with momentum when not NULL; bn_w / bn_b may be NULL (no affine).
+ * Returns 0, or -1 for N < 2 (no batch variance).
+ */
+int gate_train_forward(const float* x, long N, long C, long HW,
+                       const float* w1, long K, const float* bn_w,
+                       const float* bn_b, float* running_mean,
+                       float* running_var, double momentum, double eps,
+                       const float* w2, const float* b2, long O,
+                       const float* noise, double tau, float* pooled,
+                       float* xhat, float* active, float* invstd,
+                       float* logits, float* relaxed, float* gates,
+                       int nthreads)
+{
+    if (N < 2)
+        return -1;
+    pool_planes(x, N * C, HW, pooled, nthreads);
+    for (long n = 0; n < N; n++)
+        for (long k = 0; k < K; k++) {
+            const float* w = w1 + k * C;
+            const float* p = pooled + n * C;
+            float s = 0.f;
+            #pragma omp simd reduction(+:s)
+            for (long c = 0; c < C; c++)
+                s += w[c] * p[c];
+            xhat[n * K + k] = s;  /* hidden, normalised below */
+        }
+    for (long k = 0; k < K; k++) {
+        double mean = 0.0, var = 0.0;
+        for (long n = 0; n < N; n++)
+            mean += xhat[n * K + k];
+        mean /= (double)N;
+        for (long n = 0; n < N; n++) {
+            double d = xhat[n * K + k] - mean;
+            var += d * d;
+        }
+        double biased = var / (double)N;
+        float is = (float)(1.0 / sqrt(biased + eps));
+        invstd[k] = is;
+        if (running_mean != NULL) {
+            running_mean[k] = (float)(momentum * mean
+                                      + (1.0 - momentum) * running_mean[k]);
+            running_var[k] = (float)(momentum * var / (double)(N - 1)
+                                     + (1.0 - momentum) * running_var[k]);
+        }
+        float scale = bn_w != NULL ? bn_w[k] : 1.f;
+        float shift = bn_b != NULL ? bn_b[k] : 0.f;
+        for (long n = 0; n < N; n++) {
+            float v = (float)(xhat[n * K + k] - mean) * is;
+            xhat[n * K + k] = v;
+            v = v * scale + shift;
+            active[n * K + k] = v > 0.f ? v : 0.f;
+        }
+    }
+    float inv_tau = (float)(1.0 / tau);
+    for (long n = 0; n < N; n++) {
+        const float* a = active + n * K;
+        float* l = logits + n * O;
+        float* r = relaxed + n * O;
+        float* g = gates + n * O;
+        const float* e = noise + n * O;
+        for (long o = 0; o < O; o++) {
+            const float* w = w2 + o * K;
+            float s = 0.f;
+            #pragma omp simd reduction(+:s)
+            for (long k = 0; k < K; k++)
+                s += w[k] * a[k];
+            s += b2[o];
+            float noisy = s + e[o];
+            l[o] = s;
+            r[o] = noisy * inv_tau;
+            g[o] = noisy > 0.f ? 1.f : 0.f;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Gradients of the gating module from those of its outputs; any of
+ * grad_logits, grad_probs, grad_relaxed, grad_gates may be NULL (no
+ * gradient). scratch: N * (O + 2 * K) floats. Outputs (each may be NULL
+ * when not needed): grad_pooled (N, C) (the gradient of x is its broadcast
+ * over HW, divided by HW here), grad_w1 (K, C), grad_bn_w, grad_bn_b (K),
+ * grad_w2 (O, K), grad_b2 (O).
+ */
+void gate_train_backward(long N, long C, long HW, long K, long O,
+                         const float* grad_logits, const float* grad_probs,
+                         const float* grad_relaxed, const float* grad_gates,
+                         const float* pooled, const float* xhat,
+                         const float* active, const float* invstd,
+                         const float* probs, const float* relaxed,
+                         const float* w1, const float* bn_w, const float* w2,
+                         double tau, float* scratch, float* grad_pooled,
+                         float* grad_w1, float* grad_bn_w, float* grad_bn_b,
+                         float* grad_w2, float* grad_b2)
+{
+    float* gl = scratch;             /* (N, O) gradient of the logits */
+    float* gy = scratch + N * O;     /* (N, K) before the ReLU */
+    float* gh = gy + N * K;          /* (N, K) of the hidden layer */
+    float inv_tau = (float)(1.0 / tau);
+    for (long i = 0; i < N * O; i++) {
+        float g = grad_logits != NULL ? grad_logits[i] : 0.f;
+        if (grad_probs != NULL)
+            g += grad_probs[i] * probs[i] * (1.f - probs[i]);
+        /* The hard gates pass the relaxed sample's gradient. */
+        float s = 0.f;
+        if (grad_relaxed != NULL)
+            s += grad_relaxed[i];
+        if (grad_gates != NULL)
+            s += grad_gates[i];
+        g += s * relaxed[i] * (1.f - relaxed[i]) * inv_tau;
+        gl[i] = g;
+    }
+    if (grad_b2 != NULL)
+        for (long o = 0; o < O; o++) {
+            float s = 0.f;
+            for (long n = 0; n < N; n++)
+                s += gl[n * O + o];
+            grad_b2[o] = s;
+        }
+    if (grad_w2 != NULL)
+        for (long o = 0; o < O; o++)
+            combine_rows(grad_w2 + o * K, K, gl + o, O, active, K, N, 1.f);
+    for (long n = 0; n < N; n++) {
+        float* row = gy + n * K;
+        combine_rows(row, K, gl + n * O, 1, w2, K, O, 1.f);
+        for (long k = 0; k < K; k++)
+            if (!(active[n * K + k] > 0.f))
+                row[k] = 0.f;
+    }
+    for (long k = 0; k < K; k++) {
+        float sum_g = 0.f, sum_gx = 0.f;
+        for (long n = 0; n < N; n++) {
+            sum_g += gy[n * K + k];
+            sum_gx += gy[n * K + k] * xhat[n * K + k];
+        }
+        if (grad_bn_b != NULL)
+            grad_bn_b[k] = sum_g;
+        if (grad_bn_w != NULL)
+            grad_bn_w[k] = sum_gx;
+        /* Through the batch statistics: with g = gy * w, the gradient of
+         * the BN input is invstd * (g - mean(g) - xhat * mean(g * xhat)). */
+        float scale = bn_w != NULL ? bn_w[k] : 1.f;
+        float mean_g = scale * sum_g / (float)N;
+        float mean_gx = scale * sum_gx / (float)N;
+        for (long n = 0; n < N; n++)
+            gh[n * K + k] = invstd[k] * (scale * gy[n * K + k] - mean_g
+                                         - xhat[n * K + k] * mean_gx);
+    }
+    if (grad_w1 != NULL)
+        for (long k = 0; k < K; k++)
+            combine_rows(grad_w1 + k * C, C, gh + k, K, pooled, C, N, 1.f);
+    if (grad_pooled != NULL)
+        for (long n = 0; n < N; n++)
+            combine_rows(grad_pooled + n * C, C, gh + n * K, 1, w1, C, K,
+                         1.0f / (float)HW);
+}
+
+void gated_relu_forward(float* x, const float* gates, long P, long HW,
+                        float* out, int nthreads)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && P * HW >= 65536)
+    for (long p = 0; p < P; p++) {
+        float* v = x + p * HW;
+        float* o = out + p * HW;
+        float g = gates[p];
+        #pragma omp simd
+        for (long i = 0; i < HW; i++) {
+            float r = v[i] > 0.f ? v[i] : 0.f;
+            v[i] = r;
+            o[i] = r * g;
+        }
+    }
+}
+
+/* grad_x may be NULL (not needed), grad_gates too. */
+void gated_relu_backward(const float* grad_out, const float* active,
+                         const float* gates, long P, long HW, float* grad_x,
+                         float* grad_gates, int nthreads)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && P * HW >= 65536)
+    for (long p = 0; p < P; p++) {
+        const float* g = grad_out + p * HW;
+        const float* a = active + p * HW;
+        if (grad_x != NULL) {
+            float* gx = grad_x + p * HW;
+            if (gates[p] != 0.f) {
+                #pragma omp simd
+                for (long i = 0; i < HW; i++)
+                    gx[i] = a[i] > 0.f ? g[i] : 0.f;
+            } else {
+                for (long i = 0; i < HW; i++)
+                    gx[i] = 0.f;
+            }
+        }
+        if (grad_gates != NULL) {
+            float s = 0.f;
+            #pragma omp simd reduction(+:s)
+            for (long i = 0; i < HW; i++)
+                s += g[i] * a[i];
+            grad_gates[p] = s;
+        }
+    }
+}
+
+/*
+ * Column-wise argsort of a small batch: order[:, c] sorts x[:, c]
+ * ascending. An odd-even transposition network (N rounds of
+ * compare-exchanges between neighbouring rows), branch-free and vectorised
+ * across the C columns: a data-dependent sort mispredicts a branch for
+ * most comparisons. x (N, C); work: 2 * N * C floats; order (N, C).
+ */
+void argsort_columns(const float* x, long N, long C, float* work,
+                     long* order)
+{
+    float* v = work;
+    float* id = work + N * C;  /* row indices, exact as floats */
+    for (long i = 0; i < N; i++)
+        for (long c = 0; c < C; c++) {
+            v[i * C + c] = x[i * C + c];
+            id[i * C + c] = (float)i;
+        }
+    for (long r = 0; r < N; r++)
+        for (long i = r & 1; i + 1 < N; i += 2) {
+            float* a = v + i * C;
+            float* b = a + C;
+            float* ia = id + i * C;
+            float* ib = ia + C;
+            #pragma omp simd
+            for (long c = 0; c < C; c++) {
+                float x0 = a[c], x1 = b[c], i0 = ia[c], i1 = ib[c];
+                int swap = x0 > x1;
+                a[c] = swap ? x1 : x0;
+                b[c] = swap ? x0 : x1;
+                ia[c] = swap ? i1 : i0;
+                ib[c] = swap ? i0 : i1;
+            }
+        }
+    for (long i = 0; i < N * C; i++)
+        order[i] = (long)id[i];
+}

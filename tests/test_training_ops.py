@@ -1,0 +1,282 @@
+"""The fused training paths: the gating module as one autograd node
+(mmgated.models.fused_gate), the gated ReLU (mmgated.models.gated_relu) and
+the column sort of the batch-shaping loss, each against the unfused PyTorch
+computation, compiled and with PyTorch operations."""
+import copy
+import importlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mmgated.models import blocks as blocks_module
+from mmgated.models.fused_gate import can_fuse
+from mmgated.models.gated_relu import gated_relu
+from mmgated.models.gates import ChannelGate
+from mmgated.ops.gate_training import ARGSORT_MAX_ROWS, sort_columns
+from mmgated.ops.native import native_available
+
+native_module = importlib.import_module('mmgated.ops.native')
+gates_module = importlib.import_module('mmgated.models.gates')
+
+
+@pytest.fixture(params=['compiled', 'pytorch'])
+def ops_mode(request, monkeypatch):
+    if request.param == 'pytorch':
+        monkeypatch.setattr(native_module, '_library', False)
+    elif not native_available():
+        pytest.skip('no C compiler')
+    return request.param
+
+
+def _unfused_gate(monkeypatch):
+    monkeypatch.setattr(gates_module, 'can_fuse', lambda gate, x: False)
+
+
+# --------------------------------------------------------------- gated ReLU
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('gates_need_grad', [True, False])
+def test_gated_relu_equals_relu_times_gates(ops_mode, dtype,
+                                            gates_need_grad):
+    torch.manual_seed(0)
+    pre = torch.randn(3, 5, 4, 6, dtype=dtype)
+    pre[0, 0, 0, :2] = 0.0  # the ReLU's kink: no gradient, as torch.relu
+    gates = (torch.rand(3, 5) > 0.4).float()
+    gates[1] = 0.0  # a sample with every channel closed
+    weight = torch.randn(3, 5, 4, 6, dtype=dtype)
+
+    def run(function):
+        x = pre.clone().requires_grad_()
+        g = gates.clone().requires_grad_(gates_need_grad)
+        out = function(x * 1, g)
+        (out * weight).sum().backward()
+        return out.detach(), x.grad, g.grad
+
+    expected = run(lambda x, g: torch.relu(x) * g.to(dtype)[:, :, None,
+                                                              None])
+    got = run(gated_relu)
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    if gates_need_grad:
+        assert got[2].dtype == torch.float32
+        torch.testing.assert_close(got[2], expected[2])
+    else:
+        assert got[2] is None
+
+
+def test_gated_relu_overwrites_its_input_with_the_activation(ops_mode):
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    pre = x * 1
+    gates = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    out = gated_relu(pre, gates)
+    assert torch.equal(pre.detach(), torch.relu(x.detach()))
+    with torch.no_grad():
+        inference = gated_relu(x.detach().clone(), gates)
+    assert torch.equal(inference, out.detach())
+
+
+def test_gated_relu_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r'\(2, 3\)'):
+        gated_relu(torch.randn(2, 4, 3, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match='N, C, H, W'):
+        gated_relu(torch.randn(2, 4), torch.ones(2, 4))
+
+
+def test_gated_relu_non_contiguous_map(ops_mode):
+    """A channels-last map takes the PyTorch path, with the same result."""
+    pre = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last)
+    x = pre.clone().requires_grad_()
+    gates = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]],
+                         requires_grad=True)
+    out = gated_relu(x * 1, gates)
+    out.sum().backward()
+    torch.testing.assert_close(out, torch.relu(pre) * gates[:, :, None,
+                                                             None])
+    torch.testing.assert_close(gates.grad, torch.relu(pre).sum((2, 3)))
+
+
+def test_blocks_use_the_gated_relu_only_for_relu(monkeypatch):
+    """Other activations, and traces, keep activation then product."""
+    from mmgated.models.backbones.mmpretrain_resnet import GatedBasicBlock
+    block = GatedBasicBlock(8, 8, gate_cfg={})
+    calls = []
+    monkeypatch.setattr(blocks_module, 'gated_relu',
+                        lambda x, g: calls.append(1) or gated_relu(x, g))
+    block.train()
+    block(torch.randn(2, 8, 6, 6))
+    assert calls == [1]
+    block.relu = nn.ReLU6()
+    block(torch.randn(2, 8, 6, 6))
+    assert calls == [1]
+
+
+# ---------------------------------------------------------- fused gate
+
+
+GATE_VARIANTS = {
+    'default': {},
+    'cumulative average': dict(momentum=None),
+    'no affine': dict(affine=False),
+    'no running stats': dict(track_running_stats=False),
+    'frozen norm': dict(requires_grad=False),
+}
+
+
+def _gate(variant, dtype):
+    torch.manual_seed(0)
+    gate = ChannelGate(6, 10, init_bias=0.3)
+    options = GATE_VARIANTS[variant]
+    if 'requires_grad' in options:
+        gate.norm.requires_grad_(False)
+    elif options:
+        gate.norm = nn.BatchNorm2d(16, **options)
+    with torch.no_grad():
+        gate.fc2.weight.normal_(std=0.5)  # logits on both sides of 0
+        if gate.norm.weight is not None:
+            gate.norm.weight.uniform_(0.5, 1.5)
+            gate.norm.bias.normal_(std=0.3)
+    return gate.to(dtype).train()
+
+
+def _train_gate(gate, x, steps=2):
+    """Gate outputs, input and parameter gradients, buffers after
+    ``steps`` forward passes and one backward pass."""
+    x = x.clone().requires_grad_()
+    torch.manual_seed(1)
+    for _ in range(steps):
+        hard = gate(x)
+    out = gate.output
+    weight = torch.randn(hard.shape, dtype=x.dtype,
+                         generator=torch.Generator().manual_seed(2))
+    # Every output carries a gradient: the hard gates (straight-through),
+    # the probabilities and relaxed samples (the gate losses) and logits.
+    loss = (hard * weight).sum() + (out.probs**2).sum() \
+        + (out.relaxed * weight.flip(0)).sum() + out.logits.mean()
+    loss.backward()
+    params = {n: p.grad for n, p in gate.named_parameters()}
+    return out, x.grad, params, dict(gate.named_buffers())
+
+
+@pytest.mark.parametrize('variant', list(GATE_VARIANTS))
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_fused_gate_equals_the_modules(variant, dtype, ops_mode,
+                                       monkeypatch):
+    x = torch.randn(5, 6, 3, 4, dtype=dtype)
+    gate = _gate(variant, dtype)
+    reference = copy.deepcopy(gate)
+    fused = _train_gate(gate, x)
+    assert type(fused[0].logits.grad_fn).__name__ == '_TrainingGateBackward'
+    _unfused_gate(monkeypatch)
+    expected = _train_gate(reference, x)
+    assert type(expected[0].logits.grad_fn).__name__ != \
+        '_TrainingGateBackward'
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+    for name in ('logits', 'probs', 'relaxed'):
+        torch.testing.assert_close(getattr(fused[0], name),
+                                   getattr(expected[0], name), **tol)
+    assert torch.equal(fused[0].gates, expected[0].gates)
+    assert fused[0].gates.requires_grad
+    torch.testing.assert_close(fused[1], expected[1], **tol)
+    assert fused[2].keys() == expected[2].keys()
+    for name, grad in expected[2].items():
+        if grad is None:
+            assert fused[2][name] is None, name
+        else:
+            torch.testing.assert_close(fused[2][name], grad, **tol,
+                                       msg=name)
+    for name, buffer in expected[3].items():
+        torch.testing.assert_close(fused[3][name], buffer, **tol, msg=name)
+
+
+def test_fused_gate_backward_is_the_derivative():
+    """Against finite differences (float64, PyTorch operations)."""
+    from mmgated.models.fused_gate import _TrainingGate
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(4, 5, dtype=torch.float64)
+    params = [
+        torch.randn(7, 3, dtype=torch.float64, requires_grad=True),
+        torch.rand(7, dtype=torch.float64, requires_grad=True),
+        torch.randn(7, dtype=torch.float64, requires_grad=True),
+        torch.randn(5, 7, dtype=torch.float64, requires_grad=True),
+        torch.randn(5, dtype=torch.float64, requires_grad=True),
+    ]
+
+    def soft_outputs(*inputs):
+        # The hard gates are piecewise constant; their gradient is the
+        # straight-through one, checked against the modules above.
+        logits, probs, relaxed, _ = _TrainingGate.apply(
+            inputs[0], noise, *inputs[1:], None, None, 0.1, 1e-5, 2 / 3)
+        return logits, probs, relaxed
+
+    assert torch.autograd.gradcheck(soft_outputs, (x, *params))
+
+
+@pytest.mark.parametrize('norm_cfg', [dict(type='BN'), dict(type='SyncBN')])
+def test_can_fuse(norm_cfg):
+    gate = ChannelGate(4, 8, norm_cfg=norm_cfg)
+    x = torch.randn(2, 4, 3, 3)
+    assert can_fuse(gate, x) == (norm_cfg['type'] == 'BN')
+    # One sample is normalised with the running statistics instead.
+    assert not can_fuse(gate, x[:1])
+    assert not can_fuse(ChannelGate(4, 8, norm_cfg=dict(type='GN',
+                                                        num_groups=4)), x)
+
+
+def test_backbone_training_step_is_the_same_fused_or_not(monkeypatch):
+    """A GatedResNet's outputs and gradients with the fused gate and gated
+    ReLU equal those of the module-by-module computation."""
+    from mmgated.models.backbones.mmpretrain_resnet import GatedResNet
+
+    def step(model):
+        x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(1)
+        out = model(x)[-1]
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone()
+                              for n, p in model.named_parameters()}
+
+    torch.manual_seed(0)
+    model = GatedResNet(depth=18).train()
+    reference = copy.deepcopy(model)
+    fused = step(model)
+    _unfused_gate(monkeypatch)
+    monkeypatch.setattr(blocks_module, 'gated_relu',
+                        lambda x, g: torch.relu(x) * g[:, :, None, None])
+    expected = step(reference)
+    torch.testing.assert_close(fused[0], expected[0], rtol=1e-4, atol=1e-5)
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(fused[1][name], grad, rtol=1e-3,
+                                   atol=1e-5, msg=name)
+
+
+# --------------------------------------------------------- column sort
+
+
+@pytest.mark.parametrize('rows', [1, 2, 7, 8, ARGSORT_MAX_ROWS,
+                                  ARGSORT_MAX_ROWS + 1])
+def test_sort_columns_is_torch_sort(rows, ops_mode):
+    torch.manual_seed(0)
+    x = torch.rand(rows, 37)
+    x[:, 3] = 0.5  # ties
+    x[0, 4] = 1.0  # saturated gates
+    x = x.requires_grad_()
+    weight = torch.randn(rows, 37)
+    got = sort_columns(x)
+    expected = torch.sort(x, dim=0)[0]
+    assert torch.equal(got, expected)
+    grad, = torch.autograd.grad((got * weight).sum(), x)
+    grad_expected, = torch.autograd.grad((expected * weight).sum(), x)
+    # Tied values may swap places and with them their gradients.
+    untied = [c for c in range(37) if c != 3]
+    torch.testing.assert_close(grad[:, untied], grad_expected[:, untied])
+    torch.testing.assert_close(grad[:, 3].sum(), grad_expected[:, 3].sum())
+
+
+def test_sort_columns_other_inputs():
+    x = torch.rand(6, 5, dtype=torch.float64)
+    assert torch.equal(sort_columns(x), torch.sort(x, dim=0)[0])
+    y = torch.rand(5, 6).t()  # not contiguous
+    assert torch.equal(sort_columns(y), torch.sort(y, dim=0)[0])
