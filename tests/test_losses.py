@@ -109,6 +109,21 @@ def test_beta_cdf_finite_values_and_gradients_at_support_ends():
     assert torch.isfinite(gates.grad).all()
 
 
+def test_prior_in_support_skips_the_clamp_with_the_same_result():
+    """On the CPU, values inside the support go straight to the CDF; the
+    values and gradients (also exactly at the ends) are those of the
+    clamping path, which values outside the support take."""
+    prior = build_prior(dict(type='beta', a=0.6, b=0.4))
+    inside = torch.tensor([0.0, 1e-7, 0.3, 0.999, 1.0], requires_grad=True)
+    outside = torch.cat([inside.detach(), torch.tensor([2.0])])
+    outside.requires_grad_()
+    prior(inside).sum().backward()
+    prior(outside).sum().backward()
+    torch.testing.assert_close(prior(inside), prior(outside)[:5])
+    torch.testing.assert_close(inside.grad, outside.grad[:5])
+    assert outside.grad[5] == 0
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_autocast_low_precision(dtype):
     torch.manual_seed(0)
