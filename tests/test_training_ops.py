@@ -13,6 +13,8 @@ from mmgated.models import blocks as blocks_module
 from mmgated.models.fused_gate import can_fuse
 from mmgated.models.gated_relu import gated_relu
 from mmgated.models.gates import ChannelGate
+from mmgated.models.losses import BatchShapingLoss
+from mmgated.models.losses.priors import Prior, build_prior
 from mmgated.ops.gate_training import ARGSORT_MAX_ROWS, sort_columns
 from mmgated.ops.native import native_available
 
@@ -262,21 +264,71 @@ def test_sort_columns_is_torch_sort(rows, ops_mode):
     x = torch.rand(rows, 37)
     x[:, 3] = 0.5  # ties
     x[0, 4] = 1.0  # saturated gates
-    x = x.requires_grad_()
-    weight = torch.randn(rows, 37)
-    got = sort_columns(x)
-    expected = torch.sort(x, dim=0)[0]
-    assert torch.equal(got, expected)
-    grad, = torch.autograd.grad((got * weight).sum(), x)
-    grad_expected, = torch.autograd.grad((expected * weight).sum(), x)
-    # Tied values may swap places and with them their gradients.
+    values, order = sort_columns(x)
+    expected, expected_order = torch.sort(x, dim=0)
+    assert torch.equal(values, expected)
+    assert order.dtype == torch.long
+    assert torch.equal(x.gather(0, order), expected)
+    # Tied values may come in another order.
     untied = [c for c in range(37) if c != 3]
-    torch.testing.assert_close(grad[:, untied], grad_expected[:, untied])
-    torch.testing.assert_close(grad[:, 3].sum(), grad_expected[:, 3].sum())
+    assert torch.equal(order[:, untied], expected_order[:, untied])
+    assert sorted(order[:, 3].tolist()) == list(range(rows))
 
 
 def test_sort_columns_other_inputs():
     x = torch.rand(6, 5, dtype=torch.float64)
-    assert torch.equal(sort_columns(x), torch.sort(x, dim=0)[0])
+    assert torch.equal(sort_columns(x)[0], torch.sort(x, dim=0)[0])
     y = torch.rand(5, 6).t()  # not contiguous
-    assert torch.equal(sort_columns(y), torch.sort(y, dim=0)[0])
+    assert torch.equal(sort_columns(y)[0], torch.sort(y, dim=0)[0])
+
+
+# ------------------------------------------- batch-shaping loss gradient
+
+
+class _CubePrior(Prior):
+    """A prior with no pdf of its own: the density comes from autograd."""
+    support = (0.0, 1.0)
+
+    def cdf(self, x):
+        return x**3
+
+
+def _graph_loss(x, prior, reduction):
+    """Eq. (2) as an autograd graph: an independent reference."""
+    n = x.shape[0]
+    sorted_x = torch.sort(x, dim=0)[0]
+    target = torch.arange(1, n + 1, dtype=x.dtype) / (n + 1)
+    per_feature = ((target[:, None] - prior(sorted_x))**2).mean(dim=0)
+    return per_feature.sum() if reduction == 'sum' else per_feature.mean()
+
+
+@pytest.mark.parametrize('prior', [
+    dict(type='beta', a=0.6, b=0.4),
+    dict(type='beta', a=2.0, b=5.0),
+    dict(type='uniform', low=-1.0, high=2.0),
+    dict(type='gaussian', mean=0.5, std=0.3), 'cube'
+])
+@pytest.mark.parametrize('reduction', ['sum', 'mean'])
+@pytest.mark.parametrize('rows', [2, 9, ARGSORT_MAX_ROWS + 3])
+def test_batch_shaping_gradient_equals_the_graph(prior, reduction, rows,
+                                                 ops_mode):
+    """The loss computed with its gradient equals the autograd graph of
+    Eq. (2), also at and beyond the support's ends."""
+    torch.manual_seed(0)
+    prior = _CubePrior() if prior == 'cube' else build_prior(prior)
+    x = torch.rand(rows, 11, dtype=torch.float64) * 1.2 - 0.1
+    x[0, :2] = torch.tensor([0.0, 1.0])  # exactly at the ends of [0, 1]
+    loss = BatchShapingLoss(prior=prior, reduction=reduction,
+                            loss_weight=0.7)
+    for dtype in (torch.float64, torch.float32):
+        got_x = x.to(dtype).clone().requires_grad_()
+        got = loss(got_x)
+        got.backward()
+        ref_x = x.to(dtype).clone().requires_grad_()
+        expected = 0.7 * _graph_loss(ref_x, prior, reduction)
+        expected.backward()
+        tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, expected, **tol)
+        torch.testing.assert_close(got_x.grad, ref_x.grad, **tol)
+        with torch.no_grad():
+            torch.testing.assert_close(loss(got_x), expected, **tol)

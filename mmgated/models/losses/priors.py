@@ -27,12 +27,41 @@ class Prior:
 
     ``cdf`` receives values already clamped to ``support``; values beyond
     it are clamped (and get no gradient), values at its ends keep theirs.
+    A subclass may also give the density (``pdf``, the derivative of
+    ``cdf``); without it the density comes from autograd.
     """
 
     support = (-math.inf, math.inf)
 
     def cdf(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def pdf(self, x: torch.Tensor) -> torch.Tensor:
+        """The derivative of :meth:`cdf` at ``x`` (inside the support)."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            (density, ) = torch.autograd.grad(self.cdf(x).sum(), x)
+        return density
+
+    def cdf_and_pdf(self, x: torch.Tensor):
+        """``(F(x), F'(x))`` without autograd, as :meth:`__call__` and its
+        gradient give them: values beyond the support get the CDF of the
+        nearest end and density 0, values at an end keep theirs.
+
+        Returns:
+            tuple[Tensor, Tensor]: The CDF and the density, shaped like
+            ``x``.
+        """
+        low, high = self.support
+        with torch.no_grad():
+            smallest, largest = torch.aminmax(x) if x.numel() else (low,
+                                                                    high)
+            if smallest >= low and largest <= high:
+                return self.cdf(x), self.pdf(x)
+            clamped = x.clamp(low, high)
+            beyond = (x < low) | (x > high)
+            return self.cdf(clamped), self.pdf(clamped).masked_fill_(
+                beyond, 0.0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.support
@@ -159,11 +188,16 @@ class _BetaCDF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, = ctx.saved_tensors
-        a, b, log_beta, eps = ctx.params
-        xc = x.clamp(eps, 1.0 - eps)
-        pdf = torch.exp(torch.log(xc) * (a - 1.0) +
-                        torch.log(1.0 - xc) * (b - 1.0) - log_beta)
-        return grad_output * pdf, None, None, None, None, None
+        return grad_output * _beta_pdf(x, *ctx.params), None, None, None, \
+            None, None
+
+
+def _beta_pdf(x, a, b, log_beta, eps):
+    """The Beta(a, b) density, evaluated on [eps, 1 - eps] so that it is
+    finite at 0 and 1."""
+    xc = x.clamp(eps, 1.0 - eps)
+    return torch.exp(torch.log(xc) * (a - 1.0) +
+                     torch.log(1.0 - xc) * (b - 1.0) - log_beta)
 
 
 @PRIORS.register_module('beta')
@@ -213,6 +247,9 @@ class BetaPrior(Prior):
         return _BetaCDF.apply(x.to(dtype), table, self.a, self.b,
                               self.log_beta, self.eps).to(x.dtype)
 
+    def pdf(self, x):
+        return _beta_pdf(x, self.a, self.b, self.log_beta, self.eps)
+
 
 @PRIORS.register_module('gaussian')
 class GaussianPrior(Prior):
@@ -229,6 +266,10 @@ class GaussianPrior(Prior):
 
     def cdf(self, x):
         return torch.special.ndtr((x - self.mean) / self.std)
+
+    def pdf(self, x):
+        z = (x - self.mean) / self.std
+        return torch.exp(-0.5 * z * z) / (self.std * math.sqrt(2 * math.pi))
 
 
 @PRIORS.register_module('uniform')
@@ -248,6 +289,9 @@ class UniformPrior(Prior):
 
     def cdf(self, x):
         return (x - self.low) / (self.high - self.low)
+
+    def pdf(self, x):
+        return torch.full_like(x, 1.0 / (self.high - self.low))
 
 
 def build_prior(cfg) -> Prior:
