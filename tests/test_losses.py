@@ -109,10 +109,10 @@ def test_beta_cdf_finite_values_and_gradients_at_support_ends():
     assert torch.isfinite(gates.grad).all()
 
 
-def test_prior_in_support_skips_the_clamp_with_the_same_result():
-    """On the CPU, values inside the support go straight to the CDF; the
-    values and gradients (also exactly at the ends) are those of the
-    clamping path, which values outside the support take."""
+def test_prior_values_and_gradients_do_not_depend_on_other_values():
+    """Whether or not other values lie beyond the support, values inside
+    it (also exactly at its ends) keep their CDF and gradient; values
+    beyond get none; cdf_and_pdf gives the same."""
     prior = build_prior(dict(type='beta', a=0.6, b=0.4))
     inside = torch.tensor([0.0, 1e-7, 0.3, 0.999, 1.0], requires_grad=True)
     outside = torch.cat([inside.detach(), torch.tensor([2.0])])
@@ -122,6 +122,10 @@ def test_prior_in_support_skips_the_clamp_with_the_same_result():
     torch.testing.assert_close(prior(inside), prior(outside)[:5])
     torch.testing.assert_close(inside.grad, outside.grad[:5])
     assert outside.grad[5] == 0
+    for x in (inside, outside):
+        cdf, pdf = prior.cdf_and_pdf(x.detach())
+        torch.testing.assert_close(cdf, prior(x.detach()))
+        torch.testing.assert_close(pdf, x.grad)
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

@@ -54,10 +54,13 @@ class Prior:
         """
         low, high = self.support
         with torch.no_grad():
-            smallest, largest = torch.aminmax(x) if x.numel() else (low,
-                                                                    high)
-            if smallest >= low and largest <= high:
-                return self.cdf(x), self.pdf(x)
+            if x.device.type == 'cpu' and x.numel():
+                # Gate probabilities lie in the support: on the CPU, where
+                # reading two numbers back costs no synchronisation, skip
+                # the clamp and the mask when they would change nothing.
+                smallest, largest = torch.aminmax(x)
+                if smallest >= low and largest <= high:
+                    return self.cdf(x), self.pdf(x)
             clamped = x.clamp(low, high)
             beyond = (x < low) | (x > high)
             return self.cdf(clamped), self.pdf(clamped).masked_fill_(
@@ -65,13 +68,6 @@ class Prior:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.support
-        if x.device.type == 'cpu' and x.numel() > 0:
-            # Gate probabilities lie in the support: on the CPU, where
-            # reading two numbers back is free, skip the four full-size
-            # operations (and their backward) that clamp nothing.
-            smallest, largest = torch.aminmax(x.detach())
-            if smallest >= low and largest <= high:
-                return self.cdf(x)
         # Unlike Tensor.clamp, keep the gradient of values exactly at an end
         # of the support (gates saturate at 0 and 1); values beyond are
         # clamped and get none.
