@@ -13,23 +13,18 @@
  * cache. Layouts: x (N, C, HW), W1 (H, C), W2 (O, H), logits and gates
  * (N, O), all row-major float32.
  */
+/* gate_training.c */
+void pool_planes(const float* x, long P, long HW, float* pooled,
+                 int nthreads);
+
 void gate_logits(const float* x, long N, long C, long HW, const float* w1,
                  const float* b1, long H, const float* w2, const float* b2,
                  long O, float* logits, float* gates, int nthreads)
 {
-    float inv = 1.0f / (float)HW;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && N > 1)
     for (long n = 0; n < N; n++) {
         float pooled[C], hidden[H];
-        const float* xn = x + n * C * HW;
-        for (long c = 0; c < C; c++) {
-            const float* p = xn + c * HW;
-            float s = 0.f;
-            #pragma omp simd reduction(+:s)
-            for (long i = 0; i < HW; i++)
-                s += p[i];
-            pooled[c] = s * inv;
-        }
+        pool_planes(x + n * C * HW, C, HW, pooled, 1);
         for (long h = 0; h < H; h++) {
             const float* w = w1 + h * C;
             float s = 0.f;

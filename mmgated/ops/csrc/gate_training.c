@@ -48,8 +48,8 @@ static void combine_rows(float* out, long len, const float* coeffs,
     }
 }
 
-/* Mean over HW of each of the P planes of x, times 1/HW. */
-static void pool_planes(const float* x, long P, long HW, float* pooled,
+/* Mean over HW of each of the P planes of x (also gate_logits.c's). */
+void pool_planes(const float* x, long P, long HW, float* pooled,
                         int nthreads)
 {
     float inv = 1.0f / (float)HW;
