@@ -23,6 +23,18 @@ def _sigmoid_grad(s):
     return s * (1 - s)
 
 
+def relaxed_sample_grad(grad_gates, grad_relaxed, relaxed, tau: float):
+    """Gradient at the logits of a Binary Concrete sample, from those of its
+    hard gates and relaxed values (either may be None): both are the
+    relaxed sample's, ``sigmoid((logits + noise) / tau)`` (the hard gates'
+    by the straight-through estimator). None if neither has one."""
+    upstream = [g for g in (grad_gates, grad_relaxed) if g is not None]
+    if not upstream:
+        return None
+    grad = upstream[0] if len(upstream) == 1 else upstream[0] + upstream[1]
+    return grad * (_sigmoid_grad(relaxed) * (1.0 / tau))
+
+
 class _TrainingGate(torch.autograd.Function):
 
     @staticmethod
@@ -105,12 +117,8 @@ def _backward_torch(ctx, output_grads, saved, wanted):
     if grad_probs is not None:
         term = grad_probs * _sigmoid_grad(probs)
         grad = term if grad is None else grad + term
-    # The hard gates pass the gradient of the relaxed sample
-    # (straight-through).
-    sample = [g for g in (grad_relaxed, grad_gates) if g is not None]
-    if sample:
-        upstream = sample[0] if len(sample) == 1 else sample[0] + sample[1]
-        term = upstream * (_sigmoid_grad(relaxed) * (1.0 / ctx.tau))
+    term = relaxed_sample_grad(grad_gates, grad_relaxed, relaxed, ctx.tau)
+    if term is not None:
         grad = term if grad is None else grad + term
     pooled, hidden, active, save_mean, save_invstd = saved[2:7]
     results = [None] * 6

@@ -25,7 +25,7 @@ from mmengine.model import BaseModule, is_model_wrapper
 
 from ..ops import gate_logits
 from .folding import bn_scale_shift, cached_on
-from .fused_gate import can_fuse, fused_training_gate
+from .fused_gate import can_fuse, fused_training_gate, relaxed_sample_grad
 
 GATE_CFG_DEFAULTS = dict(
     hidden_channels=16,
@@ -169,13 +169,9 @@ class _BinaryConcrete(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_hard, grad_relaxed):
-        grads = [g for g in (grad_hard, grad_relaxed) if g is not None]
-        if not grads:
-            return None, None, None
         (relaxed, ) = ctx.saved_tensors
-        grad = grads[0] if len(grads) == 1 else grads[0] + grads[1]
-        # d sigmoid(y / tau) / dy = s * (1 - s) / tau.
-        return grad * (relaxed * (1 - relaxed) * (1.0 / ctx.tau)), None, None
+        return relaxed_sample_grad(grad_hard, grad_relaxed, relaxed,
+                                   ctx.tau), None, None
 
 
 def binary_concrete(logits: torch.Tensor,
