@@ -334,3 +334,17 @@ def test_cityscapes_without_train_ids_fails_before_training(tmp_path):
     assert f'expected {expected!r}' in proc.stdout, proc.stdout[-3000:]
     assert 'csCreateTrainIdLabelImgs' in proc.stdout
     assert 'Iter(train)' not in proc.stdout
+
+
+def test_close_distributed_destroys_the_process_group(tmp_path):
+    """tools/train.py and tools/test.py end with close_distributed: a gloo
+    group left alive can abort its process at exit."""
+    import torch.distributed as dist
+
+    from mmgated.utils.run_config import close_distributed
+    close_distributed()  # nothing to close: no error
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store',
+                            rank=0, world_size=1)
+    assert dist.is_initialized()
+    close_distributed()
+    assert not dist.is_initialized()

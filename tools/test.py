@@ -16,7 +16,8 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 import mmgated  # noqa: F401  shims and registration
-from mmgated.utils.run_config import check_config_data, load_run_config
+from mmgated.utils.run_config import (
+    check_config_data, close_distributed, load_run_config)
 
 
 def parse_args():
@@ -156,6 +157,7 @@ def main():
     if speed_hook is not None:
         _log_test_speed(speed_hook, args.gate_execution,
                         time.perf_counter() - start)
+    close_distributed()
 
 
 if __name__ == '__main__':

@@ -16,8 +16,8 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mmgated  # noqa: F401  shims and registration
-from mmgated.utils.run_config import (check_config_data, enable_amp,
-                                      load_run_config)
+from mmgated.utils.run_config import (
+    check_config_data, close_distributed, enable_amp, load_run_config)
 
 
 def parse_args():
@@ -68,6 +68,7 @@ def main():
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
         else RUNNERS.build(cfg)
     runner.train()
+    close_distributed()
 
 
 if __name__ == '__main__':

@@ -90,3 +90,14 @@ def check_config_data(cfg: Config, splits=('train', 'val', 'test')) -> None:
     :func:`mmgated.utils.data_check.check_datasets`)."""
     loaders = [cfg.get(f'{split}_dataloader') for split in splits]
     check_datasets([l['dataset'] for l in loaders if l])
+
+
+def close_distributed() -> None:
+    """Destroy the default process group, if one was set up, once a run has
+    finished: a process that exits with a gloo group still alive may abort
+    while tearing down its worker threads ("terminate called without an
+    active exception", pytorch/pytorch#190489), which fails the launcher
+    even though the run succeeded."""
+    if torch.distributed.is_available() \
+            and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
