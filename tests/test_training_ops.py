@@ -1,13 +1,16 @@
 """The fused training paths: the gating module as one autograd node
 (mmgated.models.fused_gate), the gated ReLU (mmgated.models.gated_relu) and
-the column sort of the batch-shaping loss, each against the unfused PyTorch
-computation, compiled and with PyTorch operations."""
+the column sort, the Beta prior's CDF and density and Eq. (2) with its
+gradient in the batch-shaping loss, each against the unfused PyTorch
+computation or scipy, compiled and with PyTorch operations."""
 import copy
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from scipy import special, stats
 
 from mmgated.models import blocks as blocks_module
 from mmgated.models.fused_gate import can_fuse
@@ -15,7 +18,7 @@ from mmgated.models.gated_relu import gated_relu
 from mmgated.models.gates import ChannelGate
 from mmgated.models.losses import BatchShapingLoss
 from mmgated.models.losses.priors import Prior, build_prior
-from mmgated.ops.gate_training import ARGSORT_MAX_ROWS, sort_columns
+from mmgated.ops.batch_shaping import ARGSORT_MAX_ROWS, sort_columns
 from mmgated.ops.native import native_available
 
 native_module = importlib.import_module('mmgated.ops.native')
@@ -68,15 +71,19 @@ def test_gated_relu_equals_relu_times_gates(ops_mode, dtype,
         assert got[2] is None
 
 
-def test_gated_relu_overwrites_its_input_with_the_activation(ops_mode):
+def test_gated_relu_consumes_its_input_as_an_inplace_relu(ops_mode):
+    """With autograd the pre-activation is kept unchanged (the backward
+    reads it); without, it is overwritten with the result."""
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     pre = x * 1
     gates = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
     out = gated_relu(pre, gates)
-    assert torch.equal(pre.detach(), torch.relu(x.detach()))
+    assert torch.equal(pre.detach(), x.detach())
     with torch.no_grad():
-        inference = gated_relu(x.detach().clone(), gates)
+        consumed = x.detach().clone()
+        inference = gated_relu(consumed, gates)
     assert torch.equal(inference, out.detach())
+    assert inference.data_ptr() == consumed.data_ptr()
 
 
 def test_gated_relu_rejects_bad_shapes():
@@ -280,6 +287,43 @@ def test_sort_columns_other_inputs():
     assert torch.equal(sort_columns(x)[0], torch.sort(x, dim=0)[0])
     y = torch.rand(5, 6).t()  # not contiguous
     assert torch.equal(sort_columns(y)[0], torch.sort(y, dim=0)[0])
+
+
+# ---------------------------------------------- Beta CDF and density
+
+
+@pytest.mark.parametrize('a,b', [(0.6, 0.4), (2.0, 3.0), (0.2, 7.0),
+                                 (30.0, 1.5)])
+@pytest.mark.parametrize('threads', [1, 2])
+def test_beta_cdf_and_pdf_match_scipy(a, b, threads, ops_mode):
+    """cdf_and_pdf of float32 values against scipy: inside (0, 1), at and
+    beyond its ends, near them (the density is evaluated at eps and
+    1 - eps), NaN; more values than one block of the compiled loop."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(9000, generator=gen)
+    x[:10] = torch.tensor([
+        0.0, 1.0, -0.5, 1.5, float('nan'), 1e-8, 1 - 2**-24,
+        float('inf'), -float('inf'), 0.5
+    ])
+    prior = build_prior(dict(type='beta', a=a, b=b))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cdf, pdf = prior.cdf_and_pdf(x)
+    finally:
+        torch.set_num_threads(previous)
+    assert cdf.dtype == pdf.dtype == torch.float32
+    values = x.double().numpy()
+    inside = np.clip(values, 0.0, 1.0)
+    low, high = torch.tensor([1e-6, 1 - 1e-6]).double().tolist()
+    expected_pdf = stats.beta.pdf(np.clip(inside, low, high), a, b)
+    expected_pdf[(values < 0) | (values > 1)] = 0.0
+    np.testing.assert_allclose(cdf.double().numpy(),
+                               special.betainc(a, b, inside), rtol=0,
+                               atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(pdf.double().numpy(), expected_pdf,
+                               rtol=1e-4, atol=1e-30, equal_nan=True)
+    assert torch.isnan(cdf[4]) and torch.isnan(pdf[4])
 
 
 # ------------------------------------------- batch-shaping loss gradient

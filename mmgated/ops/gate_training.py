@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .native import native_function, pointer
+from .native import float32_function, pointer
 
 _P, _L, _D, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_double, ctypes.c_int
 
@@ -22,21 +22,11 @@ _SIGNATURES = dict(
     gate_train_backward=([_L] * 5 + [_P] * 13 + [_D] + [_P] * 7, None),
     gated_relu_forward=([_P, _P, _L, _L, _P, _I], None),
     gated_relu_backward=([_P, _P, _P, _L, _L, _P, _P, _I], None),
-    argsort_columns=([_P, _L, _L, _P, _P], None),
 )
-# Largest batch argsort_columns sorts: its network makes N * N / 2
-# compare-exchanges, torch.sort about N * log(N) comparisons.
-ARGSORT_MAX_ROWS = 64
 
 
 def _function(name: str, *tensors):
-    """The compiled function ``name`` if every given tensor (None allowed)
-    is a contiguous float32 CPU tensor, else None."""
-    for t in tensors:
-        if t is not None and (t.dtype != torch.float32 or t.device.type
-                              != 'cpu' or not t.is_contiguous()):
-            return None
-    return native_function(name, *_SIGNATURES[name])
+    return float32_function(name, *_SIGNATURES[name], *tensors)
 
 
 def gate_train_forward(x, noise, fc1_weight, norm_weight, norm_bias,
@@ -111,8 +101,8 @@ def gate_train_backward(grads, saved, fc1_weight, norm_weight, fc2_weight,
 
 
 def gated_relu_forward(x, gates) -> Optional[torch.Tensor]:
-    """``x <- relu(x)`` in place and ``x * gates`` in one compiled pass;
-    None where the compiled version does not apply."""
+    """``relu(x) * gates`` in one compiled pass (``x`` is only read); None
+    where the compiled version does not apply."""
     function = _function('gated_relu_forward', x, gates)
     if function is None:
         return None
@@ -123,39 +113,18 @@ def gated_relu_forward(x, gates) -> Optional[torch.Tensor]:
     return out
 
 
-def gated_relu_backward(grad_out, active, gates, need_x: bool,
-                        need_gates: bool):
+def gated_relu_backward(grad_out, x, gates, need_x: bool, need_gates: bool):
     """``(grad_x, grad_gates)`` of :func:`gated_relu_forward` in one
     compiled pass (None for what is not needed); None where the compiled
     version does not apply."""
     grad_out = grad_out.contiguous()
-    function = _function('gated_relu_backward', grad_out, active, gates)
+    function = _function('gated_relu_backward', grad_out, x, gates)
     if function is None:
         return None
-    n, c, height, width = active.shape
-    grad_x = torch.empty_like(active) if need_x else None
+    n, c, height, width = x.shape
+    grad_x = torch.empty_like(x) if need_x else None
     grad_gates = gates.new_empty((n, c)) if need_gates else None
-    function(pointer(grad_out), pointer(active), pointer(gates), n * c,
+    function(pointer(grad_out), pointer(x), pointer(gates), n * c,
              height * width, pointer(grad_x), pointer(grad_gates),
              torch.get_num_threads())
     return grad_x, grad_gates
-
-
-def sort_columns(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``torch.sort(x, dim=0)`` (values and indices, no gradient) of a 2-d
-    tensor; for a few rows (a CPU batch of at most ``ARGSORT_MAX_ROWS``)
-    one compiled sorting network, several times faster than ``torch.sort``
-    along the first dimension. (Columns with NaN are not ordered as
-    ``torch.sort`` orders them; a loss over them is NaN either way.)"""
-    function = None
-    if x.dim() == 2 and 0 < x.shape[0] <= ARGSORT_MAX_ROWS:
-        function = _function('argsort_columns', x)
-    if function is None:
-        values, order = torch.sort(x.detach(), dim=0)
-        return values, order
-    order = torch.empty(x.shape, dtype=torch.long)
-    # The network leaves the sorted values in the first half of its work.
-    work = x.new_empty((2, ) + x.shape)
-    function(pointer(x), x.shape[0], x.shape[1], pointer(work),
-             pointer(order))
-    return work[0], order

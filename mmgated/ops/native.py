@@ -21,10 +21,16 @@ import subprocess
 import tempfile
 import warnings
 
+import torch
+
 _SOURCES = sorted(glob.glob(osp.join(osp.dirname(__file__), 'csrc', '*.c')))
-# Tried in order; the first set the compiler accepts is used. Without
-# -march=native there are no AVX-512 tiles; without -fopenmp one thread.
+# Tried in order; the first set the compiler accepts and whose library
+# loads is used. Without -march=native there are no AVX-512 tiles; without
+# -fopenmp one thread; without glibc's libmvec (vector logf and expf, which
+# need -fno-math-errno) the Beta CDF runs one value at a time.
 _FLAG_SETS = (
+    ('-O3', '-march=native', '-fopenmp', '-fno-math-errno',
+     '-DMMGATED_LIBMVEC', '-lmvec'),
     ('-O3', '-march=native', '-fopenmp'),
     ('-O3', '-fopenmp'),
     ('-O3', ),
@@ -62,9 +68,12 @@ def _compile(compiler: str, flags, target: str) -> bool:
     except OSError:
         return False
     try:
+        # Libraries after the sources, or an as-needed linker drops them.
+        libraries = [f for f in flags if f.startswith('-l')]
+        options = [f for f in flags if not f.startswith('-l')]
         result = subprocess.run(
-            [*shlex.split(compiler), *flags, '-shared', '-fPIC', *_SOURCES,
-             '-o', tmp],
+            [*shlex.split(compiler), *options, '-shared', '-fPIC', *_SOURCES,
+             '-o', tmp, *libraries],
             capture_output=True, text=True)
         if result.returncode != 0:
             return False
@@ -124,6 +133,17 @@ def native_function(name: str, argtypes, restype=None):
         function.restype = restype
         function.argtypes = argtypes
     return function
+
+
+def float32_function(name: str, argtypes, restype, *tensors):
+    """The compiled function ``name`` (see :func:`native_function`) if every
+    given tensor (None allowed) is a contiguous float32 CPU tensor, else
+    None: the callers then compute the same with PyTorch operations."""
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type
+                              != 'cpu' or not t.is_contiguous()):
+            return None
+    return native_function(name, argtypes, restype)
 
 
 def native_available() -> bool:

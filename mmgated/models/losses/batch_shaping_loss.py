@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ...ops.gate_training import sort_columns
+from ...ops.batch_shaping import cramer_von_mises_sorted, sort_columns
 from ...registry import register_model
 from .priors import build_prior
 
@@ -61,15 +61,23 @@ def cramer_von_mises(x: torch.Tensor, prior, reduction: str):
     """
     n, columns = x.shape
     sorted_x, order = sort_columns(x)
-    target = torch.arange(1, n + 1, device=x.device, dtype=x.dtype) / (n + 1)
     cdf, pdf = prior.cdf_and_pdf(sorted_x)
-    residual = target[:, None] - cdf
     scale = 1.0 if reduction == 'sum' else 1.0 / columns
-    value = residual.square().sum() * (scale / n)
-    if not (x.requires_grad and torch.is_grad_enabled()):
+    with_gradient = x.requires_grad and torch.is_grad_enabled()
+    compiled = cramer_von_mises_sorted(cdf, pdf, order, scale, with_gradient)
+    if compiled is not None:
+        value, gradient = compiled
+    else:
+        target = torch.arange(1, n + 1, device=x.device,
+                              dtype=x.dtype) / (n + 1)
+        residual = target[:, None] - cdf
+        value = residual.square().sum() * (scale / n)
+        gradient = None
+        if with_gradient:
+            grad_sorted = residual.mul_(pdf).mul_(-2.0 * scale / n)
+            gradient = torch.empty_like(x).scatter_(0, order, grad_sorted)
+    if gradient is None:
         return value
-    grad_sorted = residual.mul_(pdf).mul_(-2.0 * scale / n)
-    gradient = torch.empty_like(x).scatter_(0, order, grad_sorted)
     return _ValueWithGradient.apply(x, value, gradient)
 
 

@@ -11,6 +11,8 @@ from numbers import Real
 import torch
 from mmengine.registry import Registry
 
+from ...ops.batch_shaping import beta_cdf_pdf
+
 PRIORS = Registry('batch-shaping prior')
 
 
@@ -245,6 +247,13 @@ class BetaPrior(Prior):
 
     def pdf(self, x):
         return _beta_pdf(x, self.a, self.b, self.log_beta, self.eps)
+
+    def cdf_and_pdf(self, x):
+        # One compiled pass for float32 on the CPU (the training case),
+        # instead of some thirty small operations.
+        compiled = beta_cdf_pdf(x, self.table(x.device, x.dtype), self.a,
+                                self.b, self.log_beta, self.eps)
+        return super().cdf_and_pdf(x) if compiled is None else compiled
 
 
 @PRIORS.register_module('gaussian')

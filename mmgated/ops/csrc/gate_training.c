@@ -19,9 +19,9 @@
  *
  * Gated ReLU, for a map x (N, C, HW) and gates g (N, C):
  *
- *   forward:  x <- relu(x) (in place), out = x * g
+ *   forward:  out = relu(x) * g
  *   backward: grad_x = g && x > 0 ? grad_out : 0,
- *             grad_g[n, c] = sum_hw grad_out * x
+ *             grad_g[n, c] = sum_hw grad_out * relu(x)
  *
  * one pass over the map each way. All arrays are row-major float32.
  */
@@ -224,38 +224,35 @@ void gate_train_backward(long N, long C, long HW, long K, long O,
                          1.0f / (float)HW);
 }
 
-void gated_relu_forward(float* x, const float* gates, long P, long HW,
-                        float* out, int nthreads)
+void gated_relu_forward(const float* x, const float* gates, long P,
+                        long HW, float* out, int nthreads)
 {
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && P * HW >= 65536)
     for (long p = 0; p < P; p++) {
-        float* v = x + p * HW;
+        const float* v = x + p * HW;
         float* o = out + p * HW;
         float g = gates[p];
         #pragma omp simd
-        for (long i = 0; i < HW; i++) {
-            float r = v[i] > 0.f ? v[i] : 0.f;
-            v[i] = r;
-            o[i] = r * g;
-        }
+        for (long i = 0; i < HW; i++)
+            o[i] = (v[i] > 0.f ? v[i] : 0.f) * g;
     }
 }
 
 /* grad_x may be NULL (not needed), grad_gates too. */
-void gated_relu_backward(const float* grad_out, const float* active,
+void gated_relu_backward(const float* grad_out, const float* x,
                          const float* gates, long P, long HW, float* grad_x,
                          float* grad_gates, int nthreads)
 {
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && P * HW >= 65536)
     for (long p = 0; p < P; p++) {
         const float* g = grad_out + p * HW;
-        const float* a = active + p * HW;
+        const float* v = x + p * HW;
         if (grad_x != NULL) {
             float* gx = grad_x + p * HW;
             if (gates[p] != 0.f) {
                 #pragma omp simd
                 for (long i = 0; i < HW; i++)
-                    gx[i] = a[i] > 0.f ? g[i] : 0.f;
+                    gx[i] = v[i] > 0.f ? g[i] : 0.f;
             } else {
                 for (long i = 0; i < HW; i++)
                     gx[i] = 0.f;
@@ -265,45 +262,8 @@ void gated_relu_backward(const float* grad_out, const float* active,
             float s = 0.f;
             #pragma omp simd reduction(+:s)
             for (long i = 0; i < HW; i++)
-                s += g[i] * a[i];
+                s += g[i] * (v[i] > 0.f ? v[i] : 0.f);
             grad_gates[p] = s;
         }
     }
-}
-
-/*
- * Column-wise argsort of a small batch: order[:, c] sorts x[:, c]
- * ascending. An odd-even transposition network (N rounds of
- * compare-exchanges between neighbouring rows), branch-free and vectorised
- * across the C columns: a data-dependent sort mispredicts a branch for
- * most comparisons. x (N, C); work: 2 * N * C floats; order (N, C).
- */
-void argsort_columns(const float* x, long N, long C, float* work,
-                     long* order)
-{
-    float* v = work;
-    float* id = work + N * C;  /* row indices, exact as floats */
-    for (long i = 0; i < N; i++)
-        for (long c = 0; c < C; c++) {
-            v[i * C + c] = x[i * C + c];
-            id[i * C + c] = (float)i;
-        }
-    for (long r = 0; r < N; r++)
-        for (long i = r & 1; i + 1 < N; i += 2) {
-            float* a = v + i * C;
-            float* b = a + C;
-            float* ia = id + i * C;
-            float* ib = ia + C;
-            #pragma omp simd
-            for (long c = 0; c < C; c++) {
-                float x0 = a[c], x1 = b[c], i0 = ia[c], i1 = ib[c];
-                int swap = x0 > x1;
-                a[c] = swap ? x1 : x0;
-                b[c] = swap ? x0 : x1;
-                ia[c] = swap ? i1 : i0;
-                ib[c] = swap ? i0 : i1;
-            }
-        }
-    for (long i = 0; i < N * C; i++)
-        order[i] = (long)id[i];
 }
