@@ -1,5 +1,6 @@
 """Installation-level behaviour: shims, registration, entry points."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -149,6 +150,24 @@ def test_mmcv_build_progress_never_ends_the_setup(tmp_path, log_text,
                             text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split('\n')[:2] == [expected, 'still running']
+
+
+def test_setup_refuses_to_start_without_the_disk_space(tmp_path):
+    """A disk that cannot hold the environment is named before pip starts
+    (a CI run once failed midway with "No space left on device")."""
+    check = _setup_function('check_free_space')
+    free_kb = shutil.disk_usage(tmp_path).free // 1024
+    for needed_kb, ok in ((free_kb // 2, True), (free_kb * 2, False)):
+        script = ('set -euo pipefail\nVENV=/some/venv\n' + check +
+                  f'check_free_space {tmp_path} {needed_kb}\necho fits\n')
+        result = subprocess.run(['bash', '-c', script], capture_output=True,
+                                text=True)
+        assert (result.returncode == 0) == ok, result.stderr
+        if not ok:
+            assert 'GB free for /some/venv' in result.stderr
+            assert str(tmp_path) in result.stderr
+            assert 'MMGATED_VENV' in result.stderr
+            assert 'fits' not in result.stdout
 
 
 def test_collect_env_reports_versions_ops_and_registries():

@@ -23,7 +23,25 @@ FORCE_CUDA=${FORCE_CUDA:-0}
 
 step() { printf '\n[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
+# Fails, saying why, unless the file system of directory $1 has $2 kB free.
+check_free_space() {
+  local free_kb
+  free_kb=$(df -Pk "$1" | awk 'NR == 2 {print $4}')
+  if [ "$free_kb" -lt "$2" ]; then
+    echo "setup needs about $(( $2 / 1024 / 1024 )) GB free for $VENV; $1 has $(( free_kb / 1024 / 1024 )) GB." >&2
+    echo "Free some space, or set MMGATED_VENV to a directory on a larger disk." >&2
+    return 1
+  fi
+}
+
 step "virtual environment: $VENV"
+# A new environment takes about 6.5 GB (torch's wheel brings its CUDA
+# libraries); without the room pip stops midway with "No space left on
+# device", so say so before starting.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  mkdir -p "$(dirname "$VENV")"
+  check_free_space "$(dirname "$VENV")" $(( 7 * 1024 * 1024 ))
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY_BOOT" -m venv "$VENV"
 fi
