@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from mmgated.models import ChannelGate
-from mmgated.ops import (direct_conv_fast, gate_logits,
-                         gate_logits_reference, gathered_conv2d,
-                         gathered_conv2d_reference, gathered_gemm,
-                         gathered_gemm_reference, native_available)
+from mmgated.ops import (direct_conv_fast, gate_logits, gate_logits_reference,
+                         gathered_conv2d, gathered_conv2d_reference,
+                         gathered_gemm, gathered_gemm_reference,
+                         native_available, sort_columns)
 
 native_module = importlib.import_module('mmgated.ops.native')
 
@@ -177,6 +177,7 @@ def test_portable_build(monkeypatch, tmp_path):
     monkeypatch.setattr(native_module, '_FLAG_SETS', (('-O2', ), ))
     if not native_available():
         pytest.skip('no C compiler')
+    assert native_module.native_build_flags() == ('-O2', )
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(13, 10, 3, 3, generator=gen), torch.randn(13)
     rows, cols = _subset(13, 0.5, gen), _subset(10, 0.6, gen)
@@ -267,6 +268,20 @@ def test_without_a_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr(native_module, '_library', None)
     monkeypatch.setenv('MMGATED_NATIVE', '0')
     assert not native_available()
+
+
+def test_a_flag_set_that_does_not_link_is_passed_over(monkeypatch, tmp_path):
+    """As a build without glibc's libmvec (-lmvec): the next flag set."""
+    monkeypatch.setattr(native_module, '_library', None)
+    monkeypatch.setenv('MMGATED_CACHE', str(tmp_path))
+    monkeypatch.setattr(native_module, '_FLAG_SETS',
+                        (('-O2', '-lmmgated_no_such_library'), ('-O2', )))
+    if not native_available():
+        pytest.skip('no C compiler')
+    assert native_module.native_build_flags() == ('-O2', )
+    x = torch.rand(3, 40)
+    values, order = sort_columns(x)
+    assert torch.equal(values, torch.sort(x, dim=0)[0])
 
 
 def test_built_once_into_the_cache(monkeypatch, tmp_path):

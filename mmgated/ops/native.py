@@ -116,10 +116,18 @@ def native_library():
                 _library = ctypes.CDLL(target)
             except OSError:
                 continue
+            _library.build_flags = flags
             return _library
     warnings.warn(f'mmgated: {compiler} could not compile {_SOURCES}; its '
                   'compiled operations run as PyTorch operations (slower)')
     return None
+
+
+def native_build_flags():
+    """The compiler flags of the loaded compiled library (building it if
+    needed), or None without one: what a report on speed should name."""
+    library = native_library()
+    return None if library is None else library.build_flags
 
 
 def native_function(name: str, argtypes, restype=None):

@@ -1,4 +1,5 @@
-"""Print what a bug report needs: versions, mmcv ops, CUDA, registries.
+"""Print what a bug report needs: versions, mmcv ops, mmgated's compiled
+operations, CUDA, registries.
 
 Usage: ``python -m mmgated.utils.collect_env``
 """
@@ -49,6 +50,14 @@ def collect_env() -> OrderedDict:
         env['mmcv ops CUDA'] = get_compiling_cuda_version()
     except Exception as e:
         env['mmcv ops'] = f'not available ({type(e).__name__}: {e})'
+    try:
+        from mmgated.ops.native import native_build_flags
+        flags = native_build_flags()
+        env['mmgated compiled ops'] = 'not available (PyTorch ' \
+            'operations instead)' if flags is None else \
+            f'available ({" ".join(flags)})'
+    except Exception as e:
+        env['mmgated compiled ops'] = f'failed ({type(e).__name__}: {e})'
     try:
         import mmgated  # noqa: F401  registers the components
         from mmgated.registry import available_model_registries
