@@ -16,6 +16,8 @@ pass, the backward of those losses alone down to the gate probabilities, so
 that the share of a step that the gate losses cost can be read off. The
 forward pass (with the losses) of each step is timed too, so that the
 overhead splits into the forward's and the rest's (backward, SGD step).
+``--losses-only`` times the gate losses alone instead (to compare two
+checkouts of the library).
 
 Example::
 
@@ -58,6 +60,12 @@ def parse_args(argv=None):
         help='also time the gated model as the earlier rounds ran it: the '
         'gating modules and the gated ReLU as separate PyTorch operations, '
         'the batch-shaping loss sorting with torch.sort')
+    parser.add_argument(
+        '--losses-only', action='store_true',
+        help='time only the gate losses, alone: gate_losses() after one '
+        'forward, and the batch-shaping loss forward and backward on the '
+        'detached gate probabilities (--repeats calls each); run it in '
+        'two checkouts to compare two libraries')
     args = parser.parse_args(argv)
     if args.batch_size < 2:
         raise SystemExit(f'--batch-size {args.batch_size}: batch-shaping '
@@ -310,6 +318,60 @@ def benchmark(depth, args, device):
     return row
 
 
+def losses_benchmark(depth, args, device):
+    """Milliseconds of the gate losses alone: ``gate_losses()`` (both losses
+    and the open rate, from the gates of one recorded forward) and the
+    batch-shaping loss's forward and backward on detached probabilities."""
+    from mmpretrain.structures import DataSample
+
+    from mmgated.models import collect_gates
+    _, gated = build_models(depth, device, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    inputs = torch.randn(args.batch_size, 3, args.size, args.size,
+                         generator=gen).to(device)
+    gated.loss(inputs, [DataSample().set_gt_label(0)] * args.batch_size)
+    probs = torch.cat([
+        o.probs.detach() for o in collect_gates(gated).values()
+    ], dim=1).requires_grad_()
+    batch_shaping = gated.batch_shaping_loss
+
+    def batch_shaping_step():
+        batch_shaping(probs).backward()
+
+    times = {}
+    for name, call in (('gate_losses', gated.gate_losses),
+                       ('batch_shaping', batch_shaping_step)):
+        for _ in range(args.warmup):
+            call()
+        elapsed = []
+        for _ in range(args.repeats):
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            elapsed.append(time.perf_counter() - start)
+        times[name] = statistics.median(elapsed) * 1e3
+    return OrderedDict(
+        model=f'resnet{depth}',
+        batch=args.batch_size,
+        gates=probs.shape[1],
+        device=str(device),
+        gate_losses_ms=times['gate_losses'],
+        batch_shaping_fwd_bwd_ms=times['batch_shaping'])
+
+
+def losses_markdown(rows):
+    lines = [
+        '| model | batch | gates | device | gate_losses() ms | batch-shaping '
+        'fwd+bwd ms |', '|---|---:|---:|---|---:|---:|'
+    ]
+    for r in rows:
+        lines.append(f'| {r["model"]} | {r["batch"]} | {r["gates"]} | '
+                     f'{r["device"]} | {r["gate_losses_ms"]:.2f} | '
+                     f'{r["batch_shaping_fwd_bwd_ms"]:.2f} |')
+    return '\n'.join(lines)
+
+
 def markdown(rows):
     unfused = all('unfused_ms' in r for r in rows)
     extra = ' unfused step ms | unfused/dense | unfused forward/dense |' \
@@ -346,15 +408,21 @@ def main(argv=None):
     rows = []
     for depth in args.depths:
         start = time.time()
-        rows.append(benchmark(depth, args, device))
+        run = losses_benchmark if args.losses_only else benchmark
+        rows.append(run(depth, args, device))
         print(f'# resnet{depth}: {time.time() - start:.0f} s',
               file=sys.stderr)
     load_after = os.getloadavg()
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
-          f'load average {load_before[0]:.2f} -> {load_after[0]:.2f}; '
-          f'median of {args.repeats} steps (targets: gated/dense <= 1.05, '
-          'gate losses <= 1 % of a step)')
-    print(markdown(rows))
+    header = (f'torch {torch.__version__}, {torch.get_num_threads()} '
+              f'threads, load average {load_before[0]:.2f} -> '
+              f'{load_after[0]:.2f}; ')
+    if args.losses_only:
+        print(header + f'median of {args.repeats} calls')
+        print(losses_markdown(rows))
+    else:
+        print(header + f'median of {args.repeats} steps (targets: '
+              'gated/dense <= 1.05, gate losses <= 1 % of a step)')
+        print(markdown(rows))
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(

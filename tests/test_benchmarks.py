@@ -269,6 +269,21 @@ def test_train_overhead_unfused():
     assert {line.count('|') for line in lines} == {17}
 
 
+def test_train_overhead_losses_only(tmp_path):
+    out = tmp_path / 'losses.json'
+    rows = train_overhead.main([
+        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
+        '2', '--warmup', '1', '--threads', '1', '--losses-only', '--out',
+        str(out)
+    ])
+    (row, ) = rows
+    assert row['gates'] == 2 * (64 + 128 + 256 + 512)  # one per block
+    assert row['gate_losses_ms'] > 0 and row['batch_shaping_fwd_bwd_ms'] > 0
+    lines = train_overhead.losses_markdown(rows).splitlines()
+    assert len(lines) == 3 and lines[2].startswith('| resnet18 | 2 | 1920 |')
+    assert out.exists()
+
+
 def test_gated_inference_learned_gates_from_checkpoint(tmp_path):
     """``--checkpoint``: a classifier checkpoint's backbone weights and gate
     layout are loaded, and its learned gates are timed as one more row."""
