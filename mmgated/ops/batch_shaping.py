@@ -38,8 +38,7 @@ def sort_columns(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     ``torch.sort`` orders them; a loss over them is NaN either way.)"""
     function = None
     if x.dim() == 2 and 0 < x.shape[0] <= ARGSORT_MAX_ROWS:
-        function = float32_function('argsort_columns',
-                                    *_SIGNATURES['argsort_columns'], x)
+        function = float32_function(_SIGNATURES, 'argsort_columns', x)
     if function is None:
         values, order = torch.sort(x.detach(), dim=0)
         return values, order
@@ -70,8 +69,7 @@ def beta_cdf_pdf(x: torch.Tensor, table: torch.Tensor, a: float, b: float,
         tuple[Tensor, Tensor] | None: CDF and density, shaped like ``x``;
         None where the compiled version does not apply.
     """
-    function = float32_function('beta_cdf_pdf', *_SIGNATURES['beta_cdf_pdf'],
-                                x, table)
+    function = float32_function(_SIGNATURES, 'beta_cdf_pdf', x, table)
     if function is None:
         return None
     # The ends of [eps, 1 - eps] as float32 (the input's clamp rounds them
@@ -111,8 +109,7 @@ def cramer_von_mises_sorted(cdf: torch.Tensor, pdf: torch.Tensor,
         (None without ``with_gradient``); None where the compiled version
         does not apply.
     """
-    function = float32_function('cramer_von_mises_sorted',
-                                *_SIGNATURES['cramer_von_mises_sorted'], cdf,
+    function = float32_function(_SIGNATURES, 'cramer_von_mises_sorted', cdf,
                                 pdf)
     if function is None or order.dtype != torch.long \
             or order.device.type != 'cpu' or not order.is_contiguous():

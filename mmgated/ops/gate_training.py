@@ -25,10 +25,6 @@ _SIGNATURES = dict(
 )
 
 
-def _function(name: str, *tensors):
-    return float32_function(name, *_SIGNATURES[name], *tensors)
-
-
 def gate_train_forward(x, noise, fc1_weight, norm_weight, norm_bias,
                        running_mean, running_var, momentum: float, eps: float,
                        fc2_weight, fc2_bias, tau: float
@@ -40,9 +36,10 @@ def gate_train_forward(x, noise, fc1_weight, norm_weight, norm_bias,
         what the backward needs, ``(pooled, xhat, active, invstd)``; None
         where the compiled version does not apply.
     """
-    function = _function('gate_train_forward', x, noise, fc1_weight,
-                         norm_weight, norm_bias, running_mean, running_var,
-                         fc2_weight, fc2_bias)
+    function = float32_function(_SIGNATURES, 'gate_train_forward', x, noise,
+                                fc1_weight, norm_weight, norm_bias,
+                                running_mean, running_var, fc2_weight,
+                                fc2_bias)
     if function is None or x.dim() != 4 or x.shape[0] < 2:
         return None
     n, c, height, width = x.shape
@@ -84,7 +81,7 @@ def gate_train_backward(grads, saved, fc1_weight, norm_weight, fc2_weight,
     """
     probs, relaxed, pooled, xhat, active, invstd = saved
     grads = [None if g is None else g.float().contiguous() for g in grads]
-    function = _function('gate_train_backward', *grads)
+    function = float32_function(_SIGNATURES, 'gate_train_backward', *grads)
     n, c = pooled.shape
     hidden, out = xhat.shape[1], probs.shape[1]
     shapes = ((n, c), (hidden, c), (hidden, ), (hidden, ), (out, hidden),
@@ -103,7 +100,7 @@ def gate_train_backward(grads, saved, fc1_weight, norm_weight, fc2_weight,
 def gated_relu_forward(x, gates) -> Optional[torch.Tensor]:
     """``relu(x) * gates`` in one compiled pass (``x`` is only read); None
     where the compiled version does not apply."""
-    function = _function('gated_relu_forward', x, gates)
+    function = float32_function(_SIGNATURES, 'gated_relu_forward', x, gates)
     if function is None:
         return None
     out = torch.empty_like(x)
@@ -118,7 +115,8 @@ def gated_relu_backward(grad_out, x, gates, need_x: bool, need_gates: bool):
     compiled pass (None for what is not needed); None where the compiled
     version does not apply."""
     grad_out = grad_out.contiguous()
-    function = _function('gated_relu_backward', grad_out, x, gates)
+    function = float32_function(_SIGNATURES, 'gated_relu_backward', grad_out,
+                                x, gates)
     if function is None:
         return None
     n, c, height, width = x.shape

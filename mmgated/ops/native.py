@@ -143,15 +143,16 @@ def native_function(name: str, argtypes, restype=None):
     return function
 
 
-def float32_function(name: str, argtypes, restype, *tensors):
-    """The compiled function ``name`` (see :func:`native_function`) if every
-    given tensor (None allowed) is a contiguous float32 CPU tensor, else
-    None: the callers then compute the same with PyTorch operations."""
+def float32_function(signatures, name: str, *tensors):
+    """The compiled function ``name``, its ctypes signature taken from
+    ``signatures`` (name to ``(argtypes, restype)``), if every given tensor
+    (None allowed) is a contiguous float32 CPU tensor; else None: the
+    callers then compute the same with PyTorch operations."""
     for t in tensors:
         if t is not None and (t.dtype != torch.float32 or t.device.type
                               != 'cpu' or not t.is_contiguous()):
             return None
-    return native_function(name, argtypes, restype)
+    return native_function(name, *signatures[name])
 
 
 def native_available() -> bool:

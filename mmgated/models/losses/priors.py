@@ -249,11 +249,14 @@ class BetaPrior(Prior):
         return _beta_pdf(x, self.a, self.b, self.log_beta, self.eps)
 
     def cdf_and_pdf(self, x):
-        # One compiled pass for float32 on the CPU (the training case),
-        # instead of some thirty small operations.
-        compiled = beta_cdf_pdf(x, self.table(x.device, x.dtype), self.a,
-                                self.b, self.log_beta, self.eps)
-        return super().cdf_and_pdf(x) if compiled is None else compiled
+        if x.dtype == torch.float32 and x.device.type == 'cpu':
+            # One compiled pass (the training case) instead of some thirty
+            # small operations.
+            compiled = beta_cdf_pdf(x, self.table(x.device, x.dtype),
+                                    self.a, self.b, self.log_beta, self.eps)
+            if compiled is not None:
+                return compiled
+        return super().cdf_and_pdf(x)
 
 
 @PRIORS.register_module('gaussian')

@@ -1,9 +1,10 @@
 /*
  * The inner loops of the batch-shaping loss (see
  * mmgated/ops/batch_shaping.py): the column-wise sort of the gate values
- * over the batch, and the Beta prior's CDF with its density at the sorted
- * values. As PyTorch operations these are some thirty dispatches on a few
- * thousand values each training step, most of the loss's time.
+ * over the batch, the Beta prior's CDF with its density at the sorted
+ * values, and Eq. (2) with its gradient from those. As PyTorch operations
+ * these are some forty dispatches on a few thousand values each training
+ * step, most of the loss's time.
  */
 #include <math.h>
 
@@ -64,16 +65,16 @@ void argsort_columns(const float* x, long N, long C, float* work,
  *   pdf   = x^(a - 1) (1 - x)^(b - 1) / B(a, b) at x clamped to [eps, 1 - eps]
  *
  * Inside [low, high] = [eps, 1 - eps] the density is power / (x (1 - x)),
- * with no further logarithm; below and above it, pdf_low and pdf_high. Values
- * beyond [0, 1] get the CDF of the nearest end and density 0; NaN gives
- * NaN. Branch-free, so that with glibc's vector logf and expf the loop
+ * with no further logarithm; below and above it, pdf_low and pdf_high.
+ * Values beyond [0, 1] get the CDF of the nearest end and density 0; NaN
+ * gives NaN. Branch-free, so that with glibc's vector logf and expf the loop
  * runs 8 values at a time.
  */
 static void beta_cdf_pdf_range(const float* x, long begin, long end,
                                const float* table, long K, float a,
                                float b, float log_beta, float low,
-                               float high, float pdf_low, float pdf_high, float* cdf,
-                               float* pdf)
+                               float high, float pdf_low, float pdf_high,
+                               float* cdf, float* pdf)
 {
     const float last = (float)(K - 1);
     #pragma omp simd
@@ -106,8 +107,8 @@ void beta_cdf_pdf(const float* x, long n, const float* table, long K,
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && n >= 2 * block)
     for (long begin = 0; begin < n; begin += block)
         beta_cdf_pdf_range(x, begin, begin + block < n ? begin + block : n,
-                           table, K, a, b, log_beta, low, high, pdf_low, pdf_high,
-                           cdf, pdf);
+                           table, K, a, b, log_beta, low, high, pdf_low,
+                           pdf_high, cdf, pdf);
 }
 
 /*
