@@ -16,6 +16,7 @@
 /* gate_training.c */
 void pool_planes(const float* x, long P, long HW, float* pooled,
                  int nthreads);
+float dot_product(const float* a, const float* b, long n);
 
 void gate_logits(const float* x, long N, long C, long HW, const float* w1,
                  const float* b1, long H, const float* w2, const float* b2,
@@ -26,20 +27,11 @@ void gate_logits(const float* x, long N, long C, long HW, const float* w1,
         float pooled[C], hidden[H];
         pool_planes(x + n * C * HW, C, HW, pooled, 1);
         for (long h = 0; h < H; h++) {
-            const float* w = w1 + h * C;
-            float s = 0.f;
-            #pragma omp simd reduction(+:s)
-            for (long c = 0; c < C; c++)
-                s += w[c] * pooled[c];
-            s += b1[h];
+            float s = dot_product(w1 + h * C, pooled, C) + b1[h];
             hidden[h] = s > 0.f ? s : 0.f;
         }
         for (long o = 0; o < O; o++) {
-            const float* w = w2 + o * H;
-            float s = 0.f;
-            for (long h = 0; h < H; h++)
-                s += w[h] * hidden[h];
-            s += b2[o];
+            float s = dot_product(w2 + o * H, hidden, H) + b2[o];
             logits[n * O + o] = s;
             gates[n * O + o] = s > 0.f ? 1.f : 0.f;
         }

@@ -48,6 +48,17 @@ static void combine_rows(float* out, long len, const float* coeffs,
     }
 }
 
+/* sum_i a[i] * b[i]: a row of a small matrix product (the FCs of the
+ * gating modules, here and in gate_logits.c). */
+float dot_product(const float* a, const float* b, long n)
+{
+    float s = 0.f;
+    #pragma omp simd reduction(+:s)
+    for (long i = 0; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
 /* Mean over HW of each of the P planes of x (also gate_logits.c's). */
 void pool_planes(const float* x, long P, long HW, float* pooled,
                         int nthreads)
@@ -84,15 +95,8 @@ int gate_train_forward(const float* x, long N, long C, long HW,
         return -1;
     pool_planes(x, N * C, HW, pooled, nthreads);
     for (long n = 0; n < N; n++)
-        for (long k = 0; k < K; k++) {
-            const float* w = w1 + k * C;
-            const float* p = pooled + n * C;
-            float s = 0.f;
-            #pragma omp simd reduction(+:s)
-            for (long c = 0; c < C; c++)
-                s += w[c] * p[c];
-            xhat[n * K + k] = s;  /* hidden, normalised below */
-        }
+        for (long k = 0; k < K; k++)  /* hidden, normalised below */
+            xhat[n * K + k] = dot_product(w1 + k * C, pooled + n * C, C);
     for (long k = 0; k < K; k++) {
         double mean = 0.0, var = 0.0;
         for (long n = 0; n < N; n++)
@@ -128,12 +132,7 @@ int gate_train_forward(const float* x, long N, long C, long HW,
         float* g = gates + n * O;
         const float* e = noise + n * O;
         for (long o = 0; o < O; o++) {
-            const float* w = w2 + o * K;
-            float s = 0.f;
-            #pragma omp simd reduction(+:s)
-            for (long k = 0; k < K; k++)
-                s += w[k] * a[k];
-            s += b2[o];
+            float s = dot_product(w2 + o * K, a, K) + b2[o];
             float noisy = s + e[o];
             l[o] = s;
             r[o] = noisy * inv_tau;
