@@ -10,6 +10,7 @@ PyTorch operations wherever the compiled versions do not apply: no compiled
 library, tensors that are not contiguous float32 on the CPU.
 """
 import ctypes
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -50,6 +51,17 @@ def sort_columns(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return work[0], order
 
 
+@functools.lru_cache(maxsize=None)
+def _density_ends(a: float, b: float, log_beta: float, eps: float):
+    """The ends of [eps, 1 - eps] as float32 (the input's clamp rounds them
+    so) and the Beta density there, in float64: constants of a prior,
+    computed once rather than at every loss."""
+    low, high = torch.tensor([eps, 1.0 - eps], dtype=torch.float32).tolist()
+    return (low, high) + tuple(
+        math.exp((a - 1.0) * math.log(p) + (b - 1.0) * math.log1p(-p) -
+                 log_beta) for p in (low, high))
+
+
 def beta_cdf_pdf(x: torch.Tensor, table: torch.Tensor, a: float, b: float,
                  log_beta: float, eps: float
                  ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -72,12 +84,7 @@ def beta_cdf_pdf(x: torch.Tensor, table: torch.Tensor, a: float, b: float,
     function = float32_function(_SIGNATURES, 'beta_cdf_pdf', x, table)
     if function is None:
         return None
-    # The ends of [eps, 1 - eps] as float32 (the input's clamp rounds them
-    # so) and the density there, in float64.
-    low, high = torch.tensor([eps, 1.0 - eps], dtype=torch.float32).tolist()
-    pdf_low, pdf_high = (math.exp((a - 1.0) * math.log(p) +
-                                  (b - 1.0) * math.log1p(-p) - log_beta)
-                         for p in (low, high))
+    low, high, pdf_low, pdf_high = _density_ends(a, b, log_beta, eps)
     cdf, pdf = torch.empty_like(x), torch.empty_like(x)
     function(pointer(x), x.numel(), pointer(table), table.shape[1], a, b,
              log_beta, low, high, pdf_low, pdf_high, pointer(cdf),
