@@ -16,8 +16,8 @@ pass, the backward of those losses alone down to the gate probabilities, so
 that the share of a step that the gate losses cost can be read off. The
 forward pass (with the losses) of each step is timed too, so that the
 overhead splits into the forward's and the rest's (backward, SGD step).
-``--losses-only`` times the gate losses alone instead (to compare two
-checkouts of the library).
+``--losses-only`` times the gate losses alone instead, ``--gates-only`` the
+gating modules alone (each to compare two checkouts of the library).
 
 Example::
 
@@ -66,7 +66,15 @@ def parse_args(argv=None):
         'forward, and the batch-shaping loss forward and backward on the '
         'detached gate probabilities (--repeats calls each); run it in '
         'two checkouts to compare two libraries')
+    parser.add_argument(
+        '--gates-only', action='store_true',
+        help='time only the gating modules, alone: each gate\'s training '
+        'forward (with its noise draw) and backward at the input it had in '
+        'one forward of the model, summed over the gates; run it in two '
+        'checkouts to compare two libraries')
     args = parser.parse_args(argv)
+    if args.losses_only and args.gates_only:
+        raise SystemExit('--losses-only and --gates-only: choose one')
     if args.batch_size < 2:
         raise SystemExit(f'--batch-size {args.batch_size}: batch-shaping '
                          'needs at least 2 samples')
@@ -360,16 +368,84 @@ def losses_benchmark(depth, args, device):
         batch_shaping_fwd_bwd_ms=times['batch_shaping'])
 
 
-def losses_markdown(rows):
+def gates_benchmark(depth, args, device):
+    """Milliseconds of the gating modules alone, summed over the gates of
+    the backbone: each gate's training forward (noise draw included) and
+    backward (from a gradient of its hard gates), on the input it had in
+    one forward of the model."""
+    from mmpretrain.structures import DataSample
+
+    from mmgated.models import gate_modules
+    _, gated = build_models(depth, device, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    inputs = torch.randn(args.batch_size, 3, args.size, args.size,
+                         generator=gen).to(device)
+    gates = gate_modules(gated)
+    block_inputs = {}
+    hooks = [
+        gate.register_forward_pre_hook(
+            lambda module, inputs, name=name: block_inputs.__setitem__(
+                name, inputs[0].detach()))
+        for name, gate in gates.items()
+    ]
+    gated.loss(inputs, [DataSample().set_gt_label(0)] * args.batch_size)
+    for hook in hooks:
+        hook.remove()
+    forward_ms = backward_ms = 0.0
+    for name, gate in gates.items():
+        x = block_inputs[name].clone().requires_grad_()
+        grad = torch.ones(args.batch_size, gate.out_channels, device=device)
+        forward, backward = [], []
+        for i in range(args.warmup + args.repeats):
+            x.grad = None
+            _sync(device)
+            start = time.perf_counter()
+            hard = gate(x)
+            _sync(device)
+            middle = time.perf_counter()
+            hard.backward(grad)
+            _sync(device)
+            if i >= args.warmup:
+                forward.append(middle - start)
+                backward.append(time.perf_counter() - middle)
+        forward_ms += statistics.median(forward) * 1e3
+        backward_ms += statistics.median(backward) * 1e3
+    return OrderedDict(
+        model=f'resnet{depth}',
+        batch=args.batch_size,
+        gates=len(gates),
+        device=str(device),
+        gates_forward_ms=forward_ms,
+        gates_backward_ms=backward_ms)
+
+
+def _alone_markdown(rows, count, columns):
+    """A table of what was timed alone: model, batch, ``count`` (the header
+    of ``row['gates']``), device, then ``columns``, ``(header, key)`` pairs
+    of milliseconds."""
     lines = [
-        '| model | batch | gates | device | gate_losses() ms | batch-shaping '
-        'fwd+bwd ms |', '|---|---:|---:|---|---:|---:|'
+        f'| model | batch | {count} | device | ' +
+        ' | '.join(header for header, _ in columns) + ' |',
+        '|---|---:|---:|---|' + '---:|' * len(columns)
     ]
     for r in rows:
+        values = ' | '.join(f'{r[key]:.2f}' for _, key in columns)
         lines.append(f'| {r["model"]} | {r["batch"]} | {r["gates"]} | '
-                     f'{r["device"]} | {r["gate_losses_ms"]:.2f} | '
-                     f'{r["batch_shaping_fwd_bwd_ms"]:.2f} |')
+                     f'{r["device"]} | {values} |')
     return '\n'.join(lines)
+
+
+def gates_markdown(rows):
+    return _alone_markdown(rows, 'gating modules',
+                           [('their forward ms', 'gates_forward_ms'),
+                            ('their backward ms', 'gates_backward_ms')])
+
+
+def losses_markdown(rows):
+    return _alone_markdown(
+        rows, 'gates',
+        [('gate_losses() ms', 'gate_losses_ms'),
+         ('batch-shaping fwd+bwd ms', 'batch_shaping_fwd_bwd_ms')])
 
 
 def markdown(rows):
@@ -408,7 +484,8 @@ def main(argv=None):
     rows = []
     for depth in args.depths:
         start = time.time()
-        run = losses_benchmark if args.losses_only else benchmark
+        run = losses_benchmark if args.losses_only else \
+            gates_benchmark if args.gates_only else benchmark
         rows.append(run(depth, args, device))
         print(f'# resnet{depth}: {time.time() - start:.0f} s',
               file=sys.stderr)
@@ -416,9 +493,9 @@ def main(argv=None):
     header = (f'torch {torch.__version__}, {torch.get_num_threads()} '
               f'threads, load average {load_before[0]:.2f} -> '
               f'{load_after[0]:.2f}; ')
-    if args.losses_only:
-        print(header + f'median of {args.repeats} calls')
-        print(losses_markdown(rows))
+    if args.losses_only or args.gates_only:
+        print(header + f'median of {args.repeats} calls, each')
+        print((losses_markdown if args.losses_only else gates_markdown)(rows))
     else:
         print(header + f'median of {args.repeats} steps (targets: '
               'gated/dense <= 1.05, gate losses <= 1 % of a step)')

@@ -284,6 +284,34 @@ def test_train_overhead_losses_only(tmp_path):
     assert out.exists()
 
 
+def test_train_overhead_gates_only(monkeypatch):
+    """``--gates-only`` times every gating module's forward and backward on
+    the input it had in the model (a module that saw another shape fails
+    here)."""
+    from mmgated.models.gates import ChannelGate
+    seen = []
+    forward = ChannelGate.forward
+
+    def recording_forward(gate, x):
+        seen.append((gate.in_channels, x.shape[1], x.is_leaf))
+        return forward(gate, x)
+
+    monkeypatch.setattr(ChannelGate, 'forward', recording_forward)
+    rows = train_overhead.main([
+        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
+        '2', '--warmup', '1', '--threads', '1', '--gates-only'
+    ])
+    (row, ) = rows
+    assert row['gates'] == 8  # one per basic block
+    assert row['gates_forward_ms'] > 0 and row['gates_backward_ms'] > 0
+    timed = [s for s in seen if s[2]]  # the leaves made for the timing
+    assert len(timed) == 8 * 3 and all(c == x for c, x, _ in timed)
+    lines = train_overhead.gates_markdown(rows).splitlines()
+    assert len(lines) == 3 and lines[2].startswith('| resnet18 | 2 | 8 |')
+    with pytest.raises(SystemExit, match='choose one'):
+        train_overhead.parse_args(['--gates-only', '--losses-only'])
+
+
 def test_gated_inference_learned_gates_from_checkpoint(tmp_path):
     """``--checkpoint``: a classifier checkpoint's backbone weights and gate
     layout are loaded, and its learned gates are timed as one more row."""

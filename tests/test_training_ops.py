@@ -133,9 +133,9 @@ GATE_VARIANTS = {
 }
 
 
-def _gate(variant, dtype):
+def _gate(variant, dtype, in_channels=6, out_channels=10):
     torch.manual_seed(0)
-    gate = ChannelGate(6, 10, init_bias=0.3)
+    gate = ChannelGate(in_channels, out_channels, init_bias=0.3)
     options = GATE_VARIANTS[variant]
     if 'requires_grad' in options:
         gate.norm.requires_grad_(False)
@@ -168,12 +168,15 @@ def _train_gate(gate, x, steps=2):
     return out, x.grad, params, dict(gate.named_buffers())
 
 
+# The compiled loops sum in tiles of 16 values: (37, 21) has whole tiles
+# and a remainder in every product.
+@pytest.mark.parametrize('channels', [(6, 10), (37, 21)])
 @pytest.mark.parametrize('variant', list(GATE_VARIANTS))
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-def test_fused_gate_equals_the_modules(variant, dtype, ops_mode,
+def test_fused_gate_equals_the_modules(variant, dtype, channels, ops_mode,
                                        monkeypatch):
-    x = torch.randn(5, 6, 3, 4, dtype=dtype)
-    gate = _gate(variant, dtype)
+    x = torch.randn(5, channels[0], 3, 4, dtype=dtype)
+    gate = _gate(variant, dtype, *channels)
     reference = copy.deepcopy(gate)
     fused = _train_gate(gate, x)
     assert type(fused[0].logits.grad_fn).__name__ == '_TrainingGateBackward'
@@ -192,9 +195,15 @@ def test_fused_gate_equals_the_modules(variant, dtype, ops_mode,
     for name, grad in expected[2].items():
         if grad is None:
             assert fused[2][name] is None, name
+        elif dtype == torch.float32:
+            # Rounding in float32 sums grows with the largest term, not
+            # with each element (fc1's gradient reaches ~20 through the
+            # norm without affine).
+            scale = max(1.0, grad.abs().max().item())
+            torch.testing.assert_close(fused[2][name], grad, rtol=1e-5,
+                                       atol=1e-6 * scale, msg=name)
         else:
-            torch.testing.assert_close(fused[2][name], grad, **tol,
-                                       msg=name)
+            torch.testing.assert_close(fused[2][name], grad, msg=name)
     for name, buffer in expected[3].items():
         torch.testing.assert_close(fused[3][name], buffer, **tol, msg=name)
 

@@ -51,9 +51,11 @@ class _TrainingGate(torch.autograd.Function):
                                       tau)
         ctx.compiled = compiled is not None
         if ctx.compiled:
-            logits, probs, relaxed, gates, *saved = compiled
-            ctx.save_for_backward(probs, relaxed, *saved, fc1_weight,
-                                  norm_weight, fc2_weight)
+            logits, probs, relaxed, gates, workspace = compiled
+            # An intermediate, not an input or output: kept on ctx.
+            ctx.workspace = workspace
+            ctx.save_for_backward(probs, relaxed, fc1_weight, norm_weight,
+                                  fc2_weight)
             return logits, probs, relaxed, gates
         height, width = x.shape[2:]
         # As the module path pools: sum * 1/(H*W), so that both agree to
@@ -91,12 +93,11 @@ class _TrainingGate(torch.autograd.Function):
         n, c, height, width = ctx.input_shape
         wanted = (needs[0], needs[2], needs[3], needs[4], needs[5], needs[6])
         if ctx.compiled:
-            # The gradients of float32 CPU outputs are float32 CPU tensors:
-            # the compiled backward applies wherever the forward did.
-            computed = gate_train_backward(output_grads, saved[:6],
-                                           fc1_weight, norm_weight,
-                                           fc2_weight, ctx.tau,
-                                           height * width, wanted)
+            # The compiled backward applies wherever the forward did.
+            computed = gate_train_backward(output_grads, *saved[:2],
+                                           ctx.workspace, fc1_weight,
+                                           norm_weight, fc2_weight, ctx.tau,
+                                           ctx.input_shape, wanted)
         else:
             computed = _backward_torch(ctx, output_grads, saved, wanted)
         grad_pooled, grads[2], grads[3], grads[4], grads[5], grads[6] = \

@@ -147,10 +147,13 @@ def check_gated_stages(stages, num_stages: int) -> None:
                          f'has stages 0..{num_stages - 1}')
 
 
-def logistic_noise(like: torch.Tensor) -> torch.Tensor:
-    """Logistic(0, 1) noise ``log(u) - log(1 - u)`` shaped like ``like``."""
-    # logit(u) = log(u) - log(1 - u), with u kept in [1e-6, 1 - 1e-6].
-    return torch.logit(torch.rand_like(like), eps=1e-6)
+def logistic_noise(shape, like: torch.Tensor) -> torch.Tensor:
+    """Logistic(0, 1) noise ``log(u) - log(1 - u)`` of ``shape``, with the
+    dtype and device of ``like``."""
+    # logit(u) = log(u) - log(1 - u), with u kept in [1e-6, 1 - 1e-6]; in
+    # place, as it runs for every gate of every training step.
+    return torch.rand(shape, dtype=like.dtype,
+                      device=like.device).logit_(eps=1e-6)
 
 
 class _BinaryConcrete(torch.autograd.Function):
@@ -194,7 +197,7 @@ def binary_concrete(logits: torch.Tensor,
         sample.
     """
     if noise is None:
-        noise = logistic_noise(logits)
+        noise = logistic_noise(logits.shape, logits)
     return _BinaryConcrete.apply(logits, noise.detach(), float(tau))
 
 
@@ -293,7 +296,7 @@ class ChannelGate(BaseModule):
                 return self._record(logits, None, None, gates)
         if self.training and can_fuse(self, x):
             # The same computation as below, as one autograd node.
-            noise = logistic_noise(x.new_empty(x.shape[0], self.out_channels))
+            noise = logistic_noise((x.shape[0], self.out_channels), x)
             return self._record(*fused_training_gate(self, x, noise))
         if tracing:
             # The MAC counters count the pooling as an aten::mean.

@@ -12,17 +12,35 @@ from typing import Optional, Tuple
 
 import torch
 
-from .native import float32_function, pointer
+from .native import float32_function, native_function, pointer
 
 _P, _L, _D, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_double, ctypes.c_int
 
 _SIGNATURES = dict(
     gate_train_forward=([_P, _L, _L, _L, _P, _L, _P, _P, _P, _P, _D, _D, _P,
-                         _P, _L, _P, _D] + [_P] * 7 + [_I], ctypes.c_int),
+                         _P, _L, _P, _D] + [_P] * 8 + [_I], ctypes.c_int),
     gate_train_backward=([_L] * 5 + [_P] * 13 + [_D] + [_P] * 7, None),
     gated_relu_forward=([_P, _P, _L, _L, _P, _I], None),
     gated_relu_backward=([_P, _P, _P, _L, _L, _P, _P, _I], None),
 )
+
+
+def _workspace(n: int, c: int, hidden: int, out: int):
+    """Offsets (in floats) of what the forward keeps for the backward in one
+    workspace tensor: pooled ``(N, C)``, xhat and active ``(N, hidden)``,
+    invstd ``(hidden, )``, then scratch space ``N * (out + 2 * hidden)``
+    (the forward's needs less); the last entry is the size. One allocation instead of five
+    (each some microseconds, for every gate of every step)."""
+    sizes = (n * c, n * hidden, n * hidden, hidden, n * (out + 2 * hidden))
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    return offsets
+
+
+def _addresses(workspace, offsets):
+    base = workspace.data_ptr()
+    return [base + 4 * offset for offset in offsets[:-1]]
 
 
 def gate_train_forward(x, noise, fc1_weight, norm_weight, norm_bias,
@@ -33,8 +51,9 @@ def gate_train_forward(x, noise, fc1_weight, norm_weight, norm_bias,
 
     Returns:
         tuple[Tensor, ...] | None: ``(logits, probs, relaxed, gates)`` and
-        what the backward needs, ``(pooled, xhat, active, invstd)``; None
-        where the compiled version does not apply.
+        what the backward needs, a float32 workspace (see
+        :func:`gate_train_backward`); None where the compiled version does
+        not apply.
     """
     function = float32_function(_SIGNATURES, 'gate_train_forward', x, noise,
                                 fc1_weight, norm_weight, norm_bias,
@@ -44,34 +63,37 @@ def gate_train_forward(x, noise, fc1_weight, norm_weight, norm_bias,
         return None
     n, c, height, width = x.shape
     hidden, out = fc1_weight.shape[0], fc2_weight.shape[0]
+    offsets = _workspace(n, c, hidden, out)
+    workspace = x.new_empty(offsets[-1])
+    pooled, xhat, active, invstd, scratch = _addresses(workspace, offsets)
     # Separate tensors (not views of one): they become autograd outputs.
-    pooled = x.new_empty((n, c))
-    xhat, active = (x.new_empty((n, hidden)) for _ in range(2))
-    invstd = x.new_empty(hidden)
     logits, relaxed, gates = (x.new_empty((n, out)) for _ in range(3))
     status = function(
         pointer(x), n, c, height * width, pointer(fc1_weight), hidden,
         pointer(norm_weight), pointer(norm_bias), pointer(running_mean),
         pointer(running_var), momentum, eps, pointer(fc2_weight),
-        pointer(fc2_bias), out, pointer(noise), tau, pointer(pooled),
-        pointer(xhat), pointer(active), pointer(invstd), pointer(logits),
-        pointer(relaxed), pointer(gates), torch.get_num_threads())
+        pointer(fc2_bias), out, pointer(noise), tau, pooled, xhat, active,
+        invstd, pointer(logits), pointer(relaxed), pointer(gates), scratch,
+        torch.get_num_threads())
     if status != 0:
         return None
     # PyTorch's vectorised sigmoid beats a scalar expf in C.
     probs = torch.sigmoid(logits)
     relaxed.sigmoid_()
-    return logits, probs, relaxed, gates, pooled, xhat, active, invstd
+    return logits, probs, relaxed, gates, workspace
 
 
-def gate_train_backward(grads, saved, fc1_weight, norm_weight, fc2_weight,
-                        tau: float, input_hw: int, needs):
+def gate_train_backward(grads, probs, relaxed, workspace, fc1_weight,
+                        norm_weight, fc2_weight, tau: float, input_shape,
+                        needs):
     """The compiled backward of :func:`gate_train_forward`.
 
     Args:
         grads (tuple): Gradients of logits, probs, relaxed and gates (any
             may be None).
-        saved (tuple): ``(probs, relaxed, pooled, xhat, active, invstd)``.
+        probs, relaxed (Tensor): The forward's outputs.
+        workspace (Tensor): The forward's workspace.
+        input_shape (tuple): ``(N, C, H, W)`` of the forward's input.
         needs (tuple[bool]): Whether the gradients of pooled x, fc1 weight,
             norm weight, norm bias, fc2 weight and fc2 bias are needed.
 
@@ -79,21 +101,23 @@ def gate_train_backward(grads, saved, fc1_weight, norm_weight, fc2_weight,
         list[Tensor | None]: Those six gradients (the first one already
         divided by H*W).
     """
-    probs, relaxed, pooled, xhat, active, invstd = saved
-    grads = [None if g is None else g.float().contiguous() for g in grads]
-    function = float32_function(_SIGNATURES, 'gate_train_backward', *grads)
-    n, c = pooled.shape
-    hidden, out = xhat.shape[1], probs.shape[1]
+    # The gradients of float32 CPU outputs are float32 CPU tensors: no
+    # check of their type is needed, only of their layout.
+    grads = [None if g is None else g.contiguous() for g in grads]
+    function = native_function('gate_train_backward',
+                               *_SIGNATURES['gate_train_backward'])
+    n, c, height, width = input_shape
+    hidden, out = fc1_weight.shape[0], fc2_weight.shape[0]
     shapes = ((n, c), (hidden, c), (hidden, ), (hidden, ), (out, hidden),
               (out, ))
-    results = [pooled.new_empty(s) if need else None
+    results = [probs.new_empty(s) if need else None
                for s, need in zip(shapes, needs)]
-    scratch = pooled.new_empty(n * (out + 2 * hidden))
-    function(n, c, input_hw, hidden, out, *map(pointer, grads),
-             pointer(pooled), pointer(xhat), pointer(active), pointer(invstd),
-             pointer(probs), pointer(relaxed), pointer(fc1_weight),
-             pointer(norm_weight), pointer(fc2_weight), tau, pointer(scratch),
-             *map(pointer, results))
+    pooled, xhat, active, invstd, scratch = _addresses(
+        workspace, _workspace(n, c, hidden, out))
+    function(n, c, height * width, hidden, out, *map(pointer, grads),
+             pooled, xhat, active, invstd, pointer(probs), pointer(relaxed),
+             pointer(fc1_weight), pointer(norm_weight), pointer(fc2_weight),
+             tau, scratch, *map(pointer, results))
     return results
 
 
