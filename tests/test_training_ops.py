@@ -249,7 +249,8 @@ def test_backbone_training_step_is_the_same_fused_or_not(monkeypatch):
     from mmgated.models.backbones.mmpretrain_resnet import GatedResNet
 
     def step(model):
-        x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(3, 3, 48, 48,
+                        generator=torch.Generator().manual_seed(0))
         torch.manual_seed(1)
         out = model(x)[-1]
         out.square().mean().backward()

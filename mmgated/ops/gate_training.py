@@ -29,8 +29,9 @@ def _workspace(n: int, c: int, hidden: int, out: int):
     """Offsets (in floats) of what the forward keeps for the backward in one
     workspace tensor: pooled ``(N, C)``, xhat and active ``(N, hidden)``,
     invstd ``(hidden, )``, then scratch space ``N * (out + 2 * hidden)``
-    (the forward's needs less); the last entry is the size. One allocation instead of five
-    (each some microseconds, for every gate of every step)."""
+    (the forward needs less of it); the last entry is the size. One
+    allocation instead of five, each some microseconds, for every gate of
+    every step."""
     sizes = (n * c, n * hidden, n * hidden, hidden, n * (out + 2 * hidden))
     offsets = [0]
     for size in sizes:

@@ -204,21 +204,17 @@ void gate_train_backward(long N, long C, long HW, long K, long O,
             gl[i] += grad_probs[i] * probs[i] * (1.f - probs[i]);
     }
     /* The hard gates pass the relaxed sample's gradient. */
-    const float* relaxed_terms[2] = {grad_relaxed, grad_gates};
+    const float* single = grad_relaxed != NULL ? grad_relaxed : grad_gates;
     if (grad_relaxed != NULL && grad_gates != NULL) {
         #pragma omp simd
         for (long i = 0; i < NO; i++)
             gl[i] += (grad_relaxed[i] + grad_gates[i]) * relaxed[i]
                      * (1.f - relaxed[i]) * inv_tau;
-    } else
-        for (int t = 0; t < 2; t++) {
-            const float* g = relaxed_terms[t];
-            if (g == NULL)
-                continue;
-            #pragma omp simd
-            for (long i = 0; i < NO; i++)
-                gl[i] += g[i] * relaxed[i] * (1.f - relaxed[i]) * inv_tau;
-        }
+    } else if (single != NULL) {
+        #pragma omp simd
+        for (long i = 0; i < NO; i++)
+            gl[i] += single[i] * relaxed[i] * (1.f - relaxed[i]) * inv_tau;
+    }
     if (grad_b2 != NULL) {
         for (long o = 0; o < O; o++)
             grad_b2[o] = 0.f;
