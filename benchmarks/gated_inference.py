@@ -17,7 +17,12 @@ The gates are forced open at random with a fixed seed at each density of
 ratio is :func:`mmgated.analysis.count_macs`' mean conditional MACs per sample
 (gating modules included) over the dense MACs, and the realized ratio is
 ``(dense time / skip time) / (dense MACs / skip MACs)``: 1.0 means the skip
-execution turns the MAC savings into time savings one to one.
+execution turns the MAC savings into time savings one to one. The paired
+columns take the ratios within each round (the networks of a round run
+back to back), report their median with a distribution-free 95 % interval
+(``benchmarks/paired_stats.py``), and the script ends with the issue's
+targets that the run measured, each met, not met or undecided by that
+interval.
 
 Example::
 
@@ -38,6 +43,16 @@ from collections import OrderedDict
 
 import torch
 from mmengine.logging import MMLogger
+
+# The benchmarks' shared statistics, beside this script.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from paired_stats import (format_row_interval,  # noqa: E402
+                          median_interval, paired_ratios, verdict)
+
+# The issue's targets: the realized ratio of ResNet-34 at batch 1 and 50 %
+# density, and skip execution's time at 100 % density, over dense.
+REALIZED_TARGET = 0.8
+FULL_DENSITY_TARGET = 1.05
 
 MODELS = OrderedDict(
     resnet34=dict(
@@ -288,9 +303,11 @@ def time_networks(networks, device, repeats, warmup, seed, clock='wall'):
     for key, values in times.items():
         q = statistics.quantiles(values, n=4) if len(values) > 1 else \
             values * 3
+        # 'all': in round order, so that two networks' timings pair up
+        # by round (see paired_stats).
         result[key] = dict(
             median=statistics.median(values), q1=q[0], q3=q[2],
-            min=min(values))
+            min=min(values), all=values)
     return result
 
 
@@ -452,6 +469,17 @@ def benchmark(name, device, batch_size, args):
             f'{way}_ms': times[f'{way} {label}']['median']
             for way in other_ways(args)
         }
+        dense_all, skip_all = (times['dense']['all'],
+                               times[f'skip {label}']['all'])
+        paired = dict(
+            zip(('paired_realized', 'paired_realized_low',
+                 'paired_realized_high'),
+                median_interval(paired_ratios(dense_all, skip_all,
+                                              macs / dense_macs))))
+        paired.update(
+            zip(('paired_skip_vs_dense', 'paired_skip_vs_dense_low',
+                 'paired_skip_vs_dense_high'),
+                median_interval(paired_ratios(skip_all, dense_all))))
         rows.append(
             OrderedDict(
                 model=name,
@@ -470,6 +498,7 @@ def benchmark(name, device, batch_size, args):
                 skip_vs_dense=skip_ms / dense_ms,
                 mask_vs_dense=mask_ms / dense_ms,
                 pattern=args.pattern if value is not None else None,
+                **paired,
                 **given,
                 **ways,
                 times=times_for(times, label)))
@@ -479,6 +508,29 @@ def benchmark(name, device, batch_size, args):
 def times_for(times, label):
     return {key: value for key, value in times.items()
             if key == 'dense' or key.endswith(' ' + label)}
+
+
+def target_verdicts(rows):
+    """The issue's targets that ``rows`` measure, each with the verdict of
+    its paired interval (see :func:`paired_stats.verdict`)."""
+    lines = []
+    for r in rows:
+        where = (f'{r["model"]}, {r["size"]}x{r["size"]}, {r["device"]}, '
+                 f'batch {r["batch"]}')
+        if r['model'] == 'resnet34' and r['batch'] == 1 \
+                and r['device'] == 'cpu' and r['gates'] == '50%':
+            lines.append(
+                f'realized ratio >= {REALIZED_TARGET} at 50 % ({where}): '
+                + verdict(r['paired_realized_low'],
+                          r['paired_realized_high'], REALIZED_TARGET,
+                          at_most=False))
+        if r['gates'] == '100%':
+            lines.append(
+                f'skip <= {FULL_DENSITY_TARGET}x dense at 100 % ({where}): '
+                + verdict(r['paired_skip_vs_dense_low'],
+                          r['paired_skip_vs_dense_high'],
+                          FULL_DENSITY_TARGET, at_most=True))
+    return lines
 
 
 def markdown(rows):
@@ -497,8 +549,10 @@ def markdown(rows):
     lines = [
         '| model | input | device | batch | gates open | dense ms | '
         'mask ms | skip ms | MAC ratio | dense/skip | realized | '
-        'skip/dense |' + extra,
-        '|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|' +
+        'skip/dense | paired realized [95 % CI] | paired skip/dense '
+        '[95 % CI] |' + extra,
+        '|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+        +
         ('---:|---:|' if given else '') + '---:|' * len(ways)
     ]
     for r in rows:
@@ -507,7 +561,9 @@ def markdown(rows):
                 f'{r["dense_ms"]:.1f} | {r["mask_ms"]:.1f} | '
                 f'{r["skip_ms"]:.1f} | {r["mac_ratio"]:.3f} | '
                 f'{r["speedup"]:.2f} | {r["realized"]:.2f} | '
-                f'{r["skip_vs_dense"]:.3f} |')
+                f'{r["skip_vs_dense"]:.3f} | '
+                f'{format_row_interval(r, "paired_realized", 2)} | '
+                f'{format_row_interval(r, "paired_skip_vs_dense")} |')
         if given:
             line += (f' {r["given_ms"]:.1f} | {r["given_realized"]:.2f} |'
                      if 'given_ms' in r else ' | |')
@@ -576,6 +632,8 @@ def main(argv=None):
           f'{env["loadavg_after"][0]:.2f}; median of {args.repeats} runs, '
           f'{args.clock} clock, {args.pattern} gates')
     print(markdown(rows))
+    for line in target_verdicts(rows):
+        print(f'* {line}')
     save_results(args.out, env, args, rows)
     return rows
 

@@ -8,7 +8,11 @@ Times one training step (forward with the losses, backward, SGD step) of
   with a Beta(0.6, 0.4) prior and the L0 loss, both with weights > 0 so both
   run),
 
-on the same batch, alternating the two every round (medians reported). Inside
+on the same batch, alternating the two every round. It reports medians, and
+the median of the per-round ratios with a distribution-free 95 % interval and
+whether that interval decides the target (``benchmarks/paired_stats.py``):
+on a noisy machine the ratio of two medians can fall on either side of a
+target from run to run, the interval says when a run cannot tell. Inside
 the gated step the gate-loss computation
 (:meth:`~mmgated.models.gate_loss_mixin.GateLossMixin.gate_losses`: both
 losses and the open rate) is timed separately, and so is, in an extra untimed
@@ -36,6 +40,15 @@ from collections import OrderedDict
 
 import torch
 from mmengine.logging import MMLogger
+
+# The benchmarks' shared statistics, beside this script.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from paired_stats import (format_row_interval,  # noqa: E402
+                          median_interval, paired_ratios, verdict)
+
+# The issue's targets.
+OVERHEAD_TARGET = 1.05
+LOSS_SHARE_TARGET = 0.01
 
 
 def parse_args(argv=None):
@@ -285,6 +298,13 @@ def benchmark(depth, args, device):
                 gate_backward.append(gate_loss_backward_time(gated, device))
     dense_ms = statistics.median(times['dense']) * 1e3
     gated_ms = statistics.median(times['gated']) * 1e3
+    # Each round's two steps ran back to back: their ratio cancels the
+    # drift of the machine's speed over the run.
+    paired, paired_low, paired_high = median_interval(
+        paired_ratios(times['gated'], times['dense']))
+    # The losses' forward and backward over the gated step of their round.
+    share, share_low, share_high = median_interval(paired_ratios(
+        [f + b for f, b in zip(gate_loss, gate_backward)], times['gated']))
     loss_ms = statistics.median(gate_loss) * 1e3
     backward_ms = statistics.median(gate_backward) * 1e3
     # Per step, so that the forward and the rest (backward, SGD step) of
@@ -306,10 +326,20 @@ def benchmark(depth, args, device):
         dense_ms=dense_ms,
         gated_ms=gated_ms,
         overhead=gated_ms / dense_ms,
+        paired_overhead=paired,
+        paired_overhead_low=paired_low,
+        paired_overhead_high=paired_high,
+        overhead_target=verdict(paired_low, paired_high, OVERHEAD_TARGET,
+                                at_most=True),
         gate_loss_ms=loss_ms,
         gate_loss_share=statistics.median(gate_loss_share),
         gate_loss_backward_ms=backward_ms,
         gate_loss_fwd_bwd_share=(loss_ms + backward_ms) / gated_ms,
+        paired_loss_share=share,
+        paired_loss_share_low=share_low,
+        paired_loss_share_high=share_high,
+        loss_share_target=verdict(share_low, share_high, LOSS_SHARE_TARGET,
+                                  at_most=True),
         dense_forward_ms=forward['dense'],
         gated_forward_ms=forward['gated'],
         forward_overhead=forward['gated'] / forward['dense'],
@@ -454,20 +484,26 @@ def markdown(rows):
         if unfused else ''
     lines = [
         '| model | input | batch | device | dense step ms | gated step ms '
-        '| gated/dense | gate losses ms | share of step | + their backward '
-        'ms | fwd+bwd share | forward gated/dense | backward + step '
-        'gated/dense |' + extra,
-        '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|' +
+        '| gated/dense | paired gated/dense [95 % CI] | <= 1.05? '
+        '| gate losses ms | share of step | + their backward '
+        'ms | fwd+bwd share | paired fwd+bwd share [95 % CI] | <= 1 %? '
+        '| forward gated/dense | backward + step gated/dense |' + extra,
+        '|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:'
+        '|---|---:|---:|' +
         ('---:|' * 3 if unfused else '')
     ]
     for r in rows:
         line = (
             f'| {r["model"]} | {r["size"]}x{r["size"]} | {r["batch"]} | '
             f'{r["device"]} | {r["dense_ms"]:.1f} | {r["gated_ms"]:.1f} | '
-            f'{r["overhead"]:.3f} | {r["gate_loss_ms"]:.2f} | '
+            f'{r["overhead"]:.3f} | '
+            f'{format_row_interval(r, "paired_overhead")} | '
+            f'{r["overhead_target"]} | {r["gate_loss_ms"]:.2f} | '
             f'{r["gate_loss_share"] * 100:.2f} % | '
             f'{r["gate_loss_backward_ms"]:.2f} | '
             f'{r["gate_loss_fwd_bwd_share"] * 100:.2f} % | '
+            f'{format_row_interval(r, "paired_loss_share", 2, 100)} % | '
+            f'{r["loss_share_target"]} | '
             f'{r["forward_overhead"]:.3f} | {r["backward_overhead"]:.3f} |')
         if unfused:
             line += (f' {r["unfused_ms"]:.1f} | {r["unfused_overhead"]:.3f} '
@@ -498,7 +534,9 @@ def main(argv=None):
         print((losses_markdown if args.losses_only else gates_markdown)(rows))
     else:
         print(header + f'median of {args.repeats} steps (targets: '
-              'gated/dense <= 1.05, gate losses <= 1 % of a step)')
+              'gated/dense <= 1.05, gate losses <= 1 % of a step); '
+              'paired: median of the per-round ratios, with its '
+              'distribution-free 95 % interval')
         print(markdown(rows))
     if args.out:
         with open(args.out, 'w') as f:

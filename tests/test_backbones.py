@@ -176,13 +176,16 @@ def test_eval_is_deterministic_and_draws_no_noise():
         assert torch.equal(out.gates, (out.logits > 0).float())
 
 
-@pytest.mark.parametrize('norm_cfg', [dict(type='BN'),
-                                      dict(type='GN', num_groups=4)])
-def test_inference_gate_equals_eval_forward_with_autograd(norm_cfg):
+@pytest.mark.parametrize('norm_cfg,dtype', [
+    (dict(type='BN'), torch.float32),
+    (dict(type='BN', affine=False), torch.float32),
+    (dict(type='BN'), torch.float64),
+    (dict(type='GN', num_groups=4), torch.float32)])
+def test_inference_gate_equals_eval_forward_with_autograd(norm_cfg, dtype):
     """Under no_grad an eval gate folds its BN into fc1 and leaves probs and
     relaxed to be computed when read; the result equals the plain eval
     forward."""
-    gate = ChannelGate(8, 32, norm_cfg=norm_cfg)
+    gate = ChannelGate(8, 32, norm_cfg=norm_cfg).to(dtype)
     with torch.no_grad():
         for p in gate.parameters():
             p.normal_()
@@ -190,7 +193,7 @@ def test_inference_gate_equals_eval_forward_with_autograd(norm_cfg):
             gate.norm.running_mean.normal_()
             gate.norm.running_var.uniform_(0.5, 2.0)
     gate.eval()
-    x = torch.randn(5, 8, 3, 3)
+    x = torch.randn(5, 8, 3, 3, dtype=dtype)
     reference = gate(x)
     expected = gate.output
     with torch.no_grad():
@@ -209,6 +212,14 @@ def test_inference_gate_equals_eval_forward_with_autograd(norm_cfg):
     if norm_cfg['type'] == 'BN':
         gate(x)
         torch.testing.assert_close(stale, gate.output.logits.detach())
+        # And a replaced parameter (new storage, version 0).
+        gate.fc2.bias = torch.nn.Parameter(gate.fc2.bias.detach() + 1.0)
+        with torch.no_grad():
+            gate(x)
+            replaced = gate.output.logits
+        gate(x)
+        torch.testing.assert_close(replaced, gate.output.logits.detach())
+        torch.testing.assert_close(replaced, stale + 1.0)
 
 
 def test_gate_output_needs_tau_for_missing_values():

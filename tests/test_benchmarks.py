@@ -110,9 +110,41 @@ def test_gated_inference_rows(tmp_path):
                                                 row['mac_ratio'])
         assert row['given_realized'] == pytest.approx(
             row['dense_ms'] / row['given_ms'] * row['mac_ratio'])
+    for row in rows:
+        # One round: the paired median is that round's ratio, with no
+        # interval.
+        assert row['paired_realized'] == pytest.approx(row['realized'])
+        assert row['paired_skip_vs_dense'] == pytest.approx(
+            row['skip_vs_dense'])
+        assert row['paired_realized_low'] is None
     table = gated_inference.markdown(rows)
     assert 'realized, given gates' in table
     assert len(table.splitlines()) == 2 + len(rows)
+    assert gated_inference.target_verdicts(rows) == [
+        'skip <= 1.05x dense at 100 % (resnet34, 32x32, cpu, batch 1): '
+        'undecided',
+        'realized ratio >= 0.8 at 50 % (resnet34, 32x32, cpu, batch 1): '
+        'undecided'
+    ]
+
+
+def test_gated_inference_pairs_timings_by_round():
+    """Each round's skip time goes with the same round's dense time: a
+    machine that slows down over the run leaves the paired ratios alone."""
+    slowdown = [1.0 + 0.1 * i for i in range(12)]
+    times = {
+        'dense': dict(median=0, all=[10.0 * f for f in slowdown]),
+        'skip 50%': dict(median=0, all=[6.0 * f for f in slowdown]),
+    }
+    realized = gated_inference.paired_ratios(times['dense']['all'],
+                                             times['skip 50%']['all'], 0.5)
+    assert realized == pytest.approx([10.0 / 6.0 * 0.5] * 12)
+    rows = [dict(model='resnet34', size=224, device='cpu', batch=1,
+                 gates='50%', paired_realized=0.83,
+                 paired_realized_low=low, paired_realized_high=high)
+            for low, high in ((0.81, 0.85), (0.78, 0.82), (0.70, 0.79))]
+    assert [v.split(': ')[1] for v in gated_inference.target_verdicts(rows)
+            ] == ['met', 'undecided', 'not met']
 
 
 def test_other_ways(monkeypatch):
@@ -230,9 +262,14 @@ def test_train_overhead_row():
     assert row['forward_overhead'] == pytest.approx(
         row['gated_forward_ms'] / row['dense_forward_ms'])
     assert row['backward_overhead'] > 0
+    # One round: the paired medians are that round's ratios, undecided.
+    assert row['paired_overhead'] == pytest.approx(row['overhead'])
+    assert row['paired_loss_share'] == pytest.approx(
+        row['gate_loss_fwd_bwd_share'])
+    assert row['overhead_target'] == row['loss_share_target'] == 'undecided'
     lines = train_overhead.markdown([row]).splitlines()
     assert len(lines) == 3
-    assert {line.count('|') for line in lines} == {14}
+    assert {line.count('|') for line in lines} == {18}
 
 
 def test_train_overhead_unfused():
@@ -266,7 +303,7 @@ def test_train_overhead_unfused():
                                                     row['dense_ms'])
     assert row['unfused_forward_overhead'] > 0
     lines = train_overhead.markdown([row]).splitlines()
-    assert {line.count('|') for line in lines} == {17}
+    assert {line.count('|') for line in lines} == {21}
 
 
 def test_train_overhead_losses_only(tmp_path):

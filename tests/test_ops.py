@@ -10,6 +10,7 @@ from mmgated.ops import (direct_conv_fast, gate_logits, gate_logits_reference,
                          gathered_conv2d, gathered_conv2d_reference,
                          gathered_gemm, gathered_gemm_reference,
                          native_available, sort_columns)
+from mmgated.ops.gate_logits import gate_logits_unchecked
 
 native_module = importlib.import_module('mmgated.ops.native')
 
@@ -331,6 +332,19 @@ def test_gate_logits_is_the_gating_module(n, c, size, hidden, out, compiled,
             t.double() for t in gate._folded_inference()))
     torch.testing.assert_close(logits64.float(), expected, rtol=1e-5,
                                atol=1e-5)
+    # The unchecked entry computes the same; with weights of another dtype
+    # than x it takes the PyTorch path, which refuses the mix, instead of
+    # handing float64 weights to the float32 compiled code.
+    folded = gate._folded_inference()
+    for unchecked_x in (x, x.double()):
+        weights = folded if unchecked_x.dtype == torch.float32 else [
+            t.double() for t in folded]
+        got = gate_logits_unchecked(unchecked_x, *weights)
+        want = gate_logits(unchecked_x, *weights)
+        torch.testing.assert_close(got[0], want[0])
+        assert torch.equal(got[1], want[1])
+    with pytest.raises(RuntimeError):
+        gate_logits_unchecked(x, *(t.double() for t in folded))
 
 
 def test_gate_logits_bad_shapes():

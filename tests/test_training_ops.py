@@ -86,6 +86,28 @@ def test_gated_relu_consumes_its_input_as_an_inplace_relu(ops_mode):
     assert inference.data_ptr() == consumed.data_ptr()
 
 
+@pytest.mark.parametrize('threads', [1, 2])
+def test_gated_relu_on_a_map_split_between_threads(ops_mode, threads):
+    """A map large enough for the compiled passes to split its planes
+    between threads, with closed planes in each thread's part."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(1)
+        pre = torch.randn(4, 64, 16, 16)
+        gates = (torch.rand(4, 64) > 0.5).float()
+        gates[:, :3] = 0.0
+        grad = torch.randn(4, 64, 16, 16)
+        g = gates.clone().requires_grad_()
+        x = pre.clone().requires_grad_()
+        gated_relu(x * 1, g).backward(grad)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(g.grad, (grad * torch.relu(pre)).sum((2, 3)))
+    torch.testing.assert_close(
+        x.grad, grad * (pre > 0) * gates[:, :, None, None])
+
+
 def test_gated_relu_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r'\(2, 3\)'):
         gated_relu(torch.randn(2, 4, 3, 3), torch.ones(2, 3))

@@ -16,6 +16,17 @@ def bn_scale_shift(norm: nn.Module):
     return scale, shift
 
 
+def norm_sources(norm: nn.Module):
+    """``(running_mean, running_var, weight, bias)`` of a BN layer (each
+    possibly None): what a copy with the BN folded in depends on, and what
+    the fused training gate updates and reads. Read from the module's own
+    dicts: ``nn.Module.__getattr__`` costs about a microsecond a name, and
+    these are read for every gate and gated layer of every forward."""
+    buffers, params = norm._buffers, norm._parameters
+    return (buffers.get('running_mean'), buffers.get('running_var'),
+            params.get('weight'), params.get('bias'))
+
+
 def cached_on(module: nn.Module, name: str, sources, build):
     """``build()`` cached on ``module`` (not in its state dict) under
     ``name`` until one of the tensors ``sources`` changes: an in-place

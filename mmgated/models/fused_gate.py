@@ -17,6 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..ops.gate_training import gate_train_backward, gate_train_forward
+from .folding import norm_sources
 
 
 def _sigmoid_grad(s):
@@ -144,10 +145,13 @@ def can_fuse(gate, x: torch.Tensor) -> bool:
     """Whether :func:`fused_training_gate` computes ``gate``'s training
     forward on ``x``: a plain (not synchronised) batch norm, more than one
     sample, no autocast and no tracing."""
-    norm = gate.norm
+    # From the modules' dicts, as in fused_training_gate.
+    modules = gate._modules
+    norm = modules['norm']
     return (isinstance(norm, torch.nn.modules.batchnorm._BatchNorm)
             and not isinstance(norm, torch.nn.SyncBatchNorm)
-            and gate.fc1.bias is None and x.dim() == 4 and x.shape[0] > 1
+            and modules['fc1']._parameters.get('bias') is None
+            and x.dim() == 4 and x.shape[0] > 1
             and not torch.is_autocast_enabled(x.device.type)
             and not torch.jit.is_tracing())
 
@@ -167,14 +171,23 @@ def fused_training_gate(gate, x: torch.Tensor, noise: torch.Tensor):
         relaxed sample and hard gates (with the straight-through gradient),
         as :class:`~mmgated.models.gates.GateOutput` holds them.
     """
-    norm = gate.norm
+    # Parameters and buffers straight from the modules' dicts:
+    # nn.Module.__getattr__ costs about a microsecond a name, a dozen names
+    # for every gate of every training step.
+    modules = gate._modules
+    norm = modules['norm']
+    fc2 = modules['fc2']._parameters
+    running_mean, running_var, norm_weight, norm_bias = norm_sources(norm)
     momentum = 0.0 if norm.momentum is None else norm.momentum
-    if norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:  # cumulative moving average
-            momentum = 1.0 / float(norm.num_batches_tracked)
-    running = (norm.running_mean, norm.running_var) \
-        if norm.track_running_stats else (None, None)
-    return _TrainingGate.apply(x, noise, gate.fc1.weight, norm.weight,
-                               norm.bias, gate.fc2.weight, gate.fc2.bias,
-                               *running, momentum, norm.eps, gate.tau)
+    if norm.track_running_stats:
+        batches = norm._buffers.get('num_batches_tracked')
+        if batches is not None:
+            batches.add_(1)
+            if norm.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(batches)
+    else:
+        running_mean = running_var = None
+    return _TrainingGate.apply(x, noise, modules['fc1']._parameters['weight'],
+                               norm_weight, norm_bias, fc2['weight'],
+                               fc2['bias'], running_mean, running_var,
+                               momentum, norm.eps, gate.tau)

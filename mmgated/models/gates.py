@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, is_model_wrapper
 
-from ..ops import gate_logits
-from .folding import bn_scale_shift, cached_on
+from ..ops.gate_logits import gate_logits_unchecked
+from .folding import bn_scale_shift, cached_on, norm_sources
 from .fused_gate import can_fuse, fused_training_gate, relaxed_sample_grad
 
 GATE_CFG_DEFAULTS = dict(
@@ -292,7 +292,7 @@ class ChannelGate(BaseModule):
             # counts.)
             folded = self._folded_inference()
             if folded is not None:
-                logits, gates = gate_logits(x, *folded)
+                logits, gates = gate_logits_unchecked(x, *folded)
                 return self._record(logits, None, None, gates)
         if self.training and can_fuse(self, x):
             # The same computation as below, as one autograd node.
@@ -331,20 +331,22 @@ class ChannelGate(BaseModule):
         fc1 with the eval-mode BN folded in, all contiguous; cached until a
         parameter or statistic changes. ``None`` for a norm that is not a
         BN with running statistics."""
-        norm = self.norm
-        if not isinstance(norm, nn.modules.batchnorm._BatchNorm) \
-                or norm.running_mean is None:
+        modules = self._modules
+        norm = modules['norm']
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
             return None
-        fc1, fc2 = self.fc1, self.fc2
+        stats = norm_sources(norm)
+        if stats[0] is None:  # no running statistics
+            return None
+        fc1, fc2 = modules['fc1']._parameters, modules['fc2']._parameters
+        sources = (fc1['weight'], fc2['weight'], fc2['bias']) + stats
 
         def build():
             scale, shift = bn_scale_shift(norm)
-            return (fc1.weight * scale[:, None], shift.contiguous(),
-                    fc2.weight.contiguous(), fc2.bias.contiguous())
+            return (sources[0] * scale[:, None], shift.contiguous(),
+                    sources[1].contiguous(), sources[2].contiguous())
 
-        return cached_on(self, '_folded',
-                         (fc1.weight, fc2.weight, fc2.bias, norm.running_mean,
-                          norm.running_var, norm.weight, norm.bias), build)
+        return cached_on(self, '_folded', sources, build)
 
     def _forced_gates(self, logits: torch.Tensor) -> torch.Tensor:
         # p = 1 and p = 0 need no draw: rand() lies in [0, 1).
@@ -352,12 +354,13 @@ class ChannelGate(BaseModule):
             return torch.ones_like(logits)
         if self.forced is False or self.forced == 0.0:
             return torch.zeros_like(logits)
+        generator = self.force_generator
         draw = torch.rand(
-            logits.shape, generator=self.force_generator,
-            device=self.force_generator.device
-            if self.force_generator is not None else logits.device)
-        return (draw < self.forced).to(device=logits.device,
-                                       dtype=logits.dtype)
+            logits.shape, generator=generator,
+            device=logits.device if generator is None else generator.device)
+        # Compared in place: 1.0 or 0.0 in the draw's dtype, one operation
+        # instead of a bool tensor and its conversion.
+        return draw.lt_(self.forced).to(logits)
 
     def extra_repr(self) -> str:
         return f'tau={self.tau:.4g}'

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 
 from ..ops import direct_conv_fast, gathered_gemm, keeps_size
 from ..ops.gathered_conv import gathered_conv2d_unchecked
-from .folding import bn_scale_shift, cached_on
+from .folding import bn_scale_shift, cached_on, norm_sources
 from .gates import GATE_EXECUTIONS
 
 try:  # mmcv's Conv2d only adds empty-tensor support to nn.Conv2d
@@ -330,10 +330,10 @@ def _folded(conv: nn.Conv2d, norm: nn.Module):
     gather of the weight and one of the bias."""
     if torch.is_grad_enabled():
         return _fold_bn(conv, norm)
+    params = conv._parameters
     return cached_on(conv, '_skip_folded',
-                   (conv.weight, conv.bias, norm.running_mean,
-                    norm.running_var, norm.weight, norm.bias),
-                   lambda: _fold_bn(conv, norm))
+                     (params['weight'], params.get('bias')) +
+                     norm_sources(norm), lambda: _fold_bn(conv, norm))
 
 
 def _folded_transposed(conv: nn.Conv2d, norm: nn.Module):

@@ -72,21 +72,38 @@ def gate_logits(x: torch.Tensor, fc1_weight: torch.Tensor,
             f'+ {tuple(fc1_bias.shape)}, fc2 {tuple(fc2_weight.shape)} + '
             f'{tuple(fc2_bias.shape)} do not fit (N, C, H, W), (hidden, C), '
             '(hidden, ), (out, hidden), (out, )')
-    function = None
     if x.device.type == 'cpu' and x.dtype == torch.float32:
+        for name, tensor, dim in (('fc1_weight', fc1_weight, 2),
+                                  ('fc1_bias', fc1_bias, 1),
+                                  ('fc2_weight', fc2_weight, 2),
+                                  ('fc2_bias', fc2_bias, 1)):
+            check_tensor('gate_logits', name, tensor, torch.float32, dim)
+    return gate_logits_unchecked(x, fc1_weight, fc1_bias, fc2_weight,
+                                 fc2_bias)
+
+
+def gate_logits_unchecked(x: torch.Tensor, fc1_weight: torch.Tensor,
+                          fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
+                          fc2_bias: torch.Tensor
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gate_logits` for arguments known to fit: the shapes agree and
+    the weights are contiguous (as a gating module's folded weights are).
+    Inside a network the checks of :func:`gate_logits` cost a fifth of the
+    call."""
+    function = None
+    if x.device.type == 'cpu' and x.dtype == torch.float32 \
+            and fc1_weight.dtype == torch.float32 \
+            and fc1_weight.device.type == 'cpu':
         function = native_function('gate_logits', _ARGTYPES)
     if function is None:
         return gate_logits_reference(x, fc1_weight, fc1_bias, fc2_weight,
                                      fc2_bias)
     x = x.contiguous()
-    for name, tensor, dim in (('fc1_weight', fc1_weight, 2),
-                              ('fc1_bias', fc1_bias, 1),
-                              ('fc2_weight', fc2_weight, 2), ('fc2_bias',
-                                                              fc2_bias, 1)):
-        check_tensor('gate_logits', name, tensor, torch.float32, dim)
+    n, c, height, width = x.shape
+    hidden, out = fc2_weight.shape[1], fc2_weight.shape[0]
     logits = x.new_empty((n, out))
     gates = x.new_empty((n, out))
-    function(pointer(x), n, c, x.shape[2] * x.shape[3], pointer(fc1_weight),
+    function(pointer(x), n, c, height * width, pointer(fc1_weight),
              pointer(fc1_bias), hidden, pointer(fc2_weight),
              pointer(fc2_bias), out, pointer(logits), pointer(gates),
              torch.get_num_threads())
