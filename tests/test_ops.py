@@ -363,3 +363,16 @@ def test_gate_logits_bad_shapes():
                            'contiguous'):
             gate_logits(x, torch.randn(5, 3), torch.randn(5),
                         torch.randn(5, 6).t(), torch.randn(6))
+
+
+def test_gate_logits_without_compiler_takes_any_layout(monkeypatch):
+    """The contiguity the compiled version needs is not asked of the
+    PyTorch computation that stands in for it."""
+    monkeypatch.setattr(native_module, '_library', False)
+    x = torch.randn(2, 3, 4, 4)
+    weights = (torch.randn(5, 3), torch.randn(5), torch.randn(5, 6).t(),
+               torch.randn(6))
+    logits, gates = gate_logits(x, *weights)
+    expected = gate_logits_reference(x, *weights)
+    assert torch.equal(logits, expected[0])
+    assert torch.equal(gates, expected[1])

@@ -72,7 +72,9 @@ def gate_logits(x: torch.Tensor, fc1_weight: torch.Tensor,
             f'+ {tuple(fc1_bias.shape)}, fc2 {tuple(fc2_weight.shape)} + '
             f'{tuple(fc2_bias.shape)} do not fit (N, C, H, W), (hidden, C), '
             '(hidden, ), (out, hidden), (out, )')
-    if x.device.type == 'cpu' and x.dtype == torch.float32:
+    # What the compiled version reads; the PyTorch one takes any layout.
+    if x.device.type == 'cpu' and x.dtype == torch.float32 \
+            and native_function('gate_logits', _ARGTYPES) is not None:
         for name, tensor, dim in (('fc1_weight', fc1_weight, 2),
                                   ('fc1_bias', fc1_bias, 1),
                                   ('fc2_weight', fc2_weight, 2),
