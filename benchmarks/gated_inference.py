@@ -551,8 +551,7 @@ def markdown(rows):
         'mask ms | skip ms | MAC ratio | dense/skip | realized | '
         'skip/dense | paired realized [95 % CI] | paired skip/dense '
         '[95 % CI] |' + extra,
-        '|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
-        +
+        '|---|---|---|---:|---|' + '---:|' * 9 +
         ('---:|---:|' if given else '') + '---:|' * len(ways)
     ]
     for r in rows:
