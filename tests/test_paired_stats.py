@@ -57,6 +57,12 @@ def test_paired_ratios():
     ]
     with pytest.raises(ValueError, match='got 2 and 1'):
         paired_stats.paired_ratios([1.0, 2.0], [1.0])
+    # A machine that slows down over a run: each round's pair slows alike,
+    # so the paired ratios stay put.
+    slowdown = [1.0 + 0.1 * i for i in range(12)]
+    assert paired_stats.paired_ratios(
+        [10.0 * f for f in slowdown], [6.0 * f for f in slowdown],
+        0.5) == pytest.approx([10.0 / 6.0 * 0.5] * 12)
 
 
 @pytest.mark.parametrize('low,high,at_most,expected', [
