@@ -17,8 +17,9 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache License 2.0',
     packages=find_packages(exclude=('tests', 'configs', 'tools')),
-    # C sources compiled on first use (mmgated/ops/gathered_gemm.py).
-    package_data={'mmgated.ops': ['csrc/*.c']},
+    # C and C++ sources compiled on first use (mmgated/ops/native.py and
+    # training_nodes.py).
+    package_data={'mmgated.ops': ['csrc/*.c', 'csrc/*.cpp']},
     python_requires='>=3.8',
     # The ranges below are those tested together (docs/install.md). mmcv must
     # be a build with its compiled ops (tools/setup_env.sh makes one).

@@ -20,6 +20,10 @@ pass, the backward of those losses alone down to the gate probabilities, so
 that the share of a step that the gate losses cost can be read off. The
 forward pass (with the losses) of each step is timed too, so that the
 overhead splits into the forward's and the rest's (backward, SGD step).
+``--unfused`` and ``--python-nodes`` also time, in the same rounds, the
+gated model as earlier rounds of the library trained it (a deep copy of it
+within :class:`unfused` or :class:`python_nodes`), with the paired ratio of
+the gated step to each.
 ``--losses-only`` times the gate losses alone instead, ``--gates-only`` the
 gating modules alone (each to compare two checkouts of the library).
 
@@ -73,6 +77,11 @@ def parse_args(argv=None):
         help='also time the gated model as the earlier rounds ran it: the '
         'gating modules and the gated ReLU as separate PyTorch operations, '
         'the batch-shaping loss sorting with torch.sort')
+    parser.add_argument(
+        '--python-nodes', action='store_true',
+        help='also time the gated model with the gating modules and the '
+        'gated ReLU as Python autograd Functions around the compiled '
+        'kernels (the previous round\'s nodes), not the C++ nodes')
     parser.add_argument(
         '--losses-only', action='store_true',
         help='time only the gate losses, alone: gate_losses() after one '
@@ -170,6 +179,27 @@ class unfused:
         return False
 
 
+class python_nodes:
+    """Within: gated models train with the Python autograd Functions of
+    the gating module and the gated ReLU (mmgated.models.fused_gate and
+    gated_relu), not the C++ nodes of mmgated.ops.training_nodes."""
+
+    def __enter__(self):
+        import mmgated.ops.training_nodes as nodes
+        self.nodes, self.saved = nodes, nodes._extension
+        nodes._extension = False
+        return self
+
+    def __exit__(self, *exc_info):
+        self.nodes._extension = self.saved
+        return False
+
+
+# The gated model's other versions that a run can time beside it: the
+# option that asks for each and the context it trains within.
+VARIANTS = OrderedDict(unfused=unfused, python_nodes=python_nodes)
+
+
 def _sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -256,8 +286,8 @@ def benchmark(depth, args, device):
     labels = torch.randint(1000, (args.batch_size, ), generator=gen)
     samples = [DataSample().set_gt_label(int(label)) for label in labels]
     models = [('dense', dense), ('gated', gated)]
-    if args.unfused:
-        models.append(('unfused', copy.deepcopy(gated)))
+    variants = [name for name in VARIANTS if getattr(args, name)]
+    models += [(name, copy.deepcopy(gated)) for name in variants]
     timer = GateLossTimer(gated, device)
     steps, records = OrderedDict(), {}
     for name, model in models:
@@ -266,14 +296,13 @@ def benchmark(depth, args, device):
         records[name] = {}
         steps[name] = make_step(model, optimizer, inputs, samples, device,
                                 records[name])
-    if args.unfused:
-        step_fused = steps['unfused']
+    for name in variants:
 
-        def step_unfused():
-            with unfused():
-                return step_fused()
+        def step_within(step=steps[name], context=VARIANTS[name]):
+            with context():
+                return step()
 
-        steps['unfused'] = step_unfused
+        steps[name] = step_within
     times = {name: [] for name in steps}
     forward_times = {name: [] for name in steps}
     gate_loss, gate_loss_share, gate_backward = [], [], []
@@ -346,13 +375,19 @@ def benchmark(depth, args, device):
         backward_overhead=rest['gated'] / rest['dense'],
         dense_all_ms=[t * 1e3 for t in times['dense']],
         gated_all_ms=[t * 1e3 for t in times['gated']])
-    if args.unfused:
-        unfused_ms = statistics.median(times['unfused']) * 1e3
-        row.update(
-            unfused_ms=unfused_ms,
-            unfused_overhead=unfused_ms / dense_ms,
-            unfused_forward_overhead=forward['unfused'] / forward['dense'],
-            unfused_all_ms=[t * 1e3 for t in times['unfused']])
+    for name in variants:
+        ms = statistics.median(times[name]) * 1e3
+        ratio, low, high = median_interval(
+            paired_ratios(times['gated'], times[name]))
+        row.update({
+            f'{name}_ms': ms,
+            f'{name}_overhead': ms / dense_ms,
+            f'{name}_forward_overhead': forward[name] / forward['dense'],
+            f'gated_vs_{name}': ratio,
+            f'gated_vs_{name}_low': low,
+            f'gated_vs_{name}_high': high,
+            f'{name}_all_ms': [t * 1e3 for t in times[name]],
+        })
     return row
 
 
@@ -479,9 +514,11 @@ def losses_markdown(rows):
 
 
 def markdown(rows):
-    unfused = all('unfused_ms' in r for r in rows)
-    extra = ' unfused step ms | unfused/dense | unfused forward/dense |' \
-        if unfused else ''
+    variants = [name for name in VARIANTS
+                if all(f'{name}_ms' in r for r in rows)]
+    extra = ''.join(f' {name} step ms | {name}/dense | {name} forward/dense '
+                    f'| paired gated/{name} [95 % CI] |'
+                    for name in variants)
     lines = [
         '| model | input | batch | device | dense step ms | gated step ms '
         '| gated/dense | paired gated/dense [95 % CI] | <= 1.05? '
@@ -489,8 +526,7 @@ def markdown(rows):
         'ms | fwd+bwd share | paired fwd+bwd share [95 % CI] | <= 1 %? '
         '| forward gated/dense | backward + step gated/dense |' + extra,
         '|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:'
-        '|---|---:|---:|' +
-        ('---:|' * 3 if unfused else '')
+        '|---|---:|---:|' + '---:|' * 4 * len(variants)
     ]
     for r in rows:
         line = (
@@ -505,9 +541,10 @@ def markdown(rows):
             f'{format_row_interval(r, "paired_loss_share", 2, 100)} % | '
             f'{r["loss_share_target"]} | '
             f'{r["forward_overhead"]:.3f} | {r["backward_overhead"]:.3f} |')
-        if unfused:
-            line += (f' {r["unfused_ms"]:.1f} | {r["unfused_overhead"]:.3f} '
-                     f'| {r["unfused_forward_overhead"]:.3f} |')
+        for name in variants:
+            line += (f' {r[f"{name}_ms"]:.1f} | {r[f"{name}_overhead"]:.3f} '
+                     f'| {r[f"{name}_forward_overhead"]:.3f} | '
+                     f'{format_row_interval(r, f"gated_vs_{name}")} |')
         lines.append(line)
     return '\n'.join(lines)
 

@@ -280,9 +280,8 @@ def test_train_overhead_unfused():
     assert names == {'AddmmBackward0'}
     assert (gates.can_fuse, blocks.gated_relu) == fused_functions
     model(x)
-    names = {type(o.logits.grad_fn).__name__
-             for o in collect_gates(model).values()}
-    assert names == {'_TrainingGateBackward'}
+    names = {o.logits.grad_fn.name() for o in collect_gates(model).values()}
+    assert names == {fused_gate_node()}
 
     args = train_overhead.parse_args([
         '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
@@ -293,8 +292,53 @@ def test_train_overhead_unfused():
     assert row['unfused_overhead'] == pytest.approx(row['unfused_ms'] /
                                                     row['dense_ms'])
     assert row['unfused_forward_overhead'] > 0
+    # One round: the paired ratio is that round's.
+    assert row['gated_vs_unfused'] == pytest.approx(row['gated_ms'] /
+                                                    row['unfused_ms'])
     lines = train_overhead.markdown([row]).splitlines()
-    assert {line.count('|') for line in lines} == {21}
+    assert {line.count('|') for line in lines} == {22}
+
+
+def fused_gate_node():
+    """The autograd node of a fused training gate here: C++ where the
+    extension builds."""
+    from mmgated.ops.training_nodes import training_nodes
+    return ('torch::autograd::CppNode<mmgated::TrainingGate>'
+            if training_nodes() is not None else '_TrainingGateBackward')
+
+
+def test_train_overhead_python_nodes():
+    """``--python-nodes`` times the gated step with the Python autograd
+    Functions in the same run, and leaves the C++ nodes in place."""
+    from mmgated.models import collect_gates
+    from mmgated.models.backbones.mmpretrain_resnet import GatedResNet
+    from mmgated.ops import training_nodes as nodes
+    before = nodes._extension
+    model = GatedResNet(depth=18).train()
+    x = torch.randn(2, 3, 32, 32)
+    with train_overhead.python_nodes():
+        model(x)
+        names = {o.logits.grad_fn.name()
+                 for o in collect_gates(model).values()}
+    assert names == {'_TrainingGateBackward'}
+    assert nodes._extension is before
+
+    args = train_overhead.parse_args([
+        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
+        '2', '--warmup', '0', '--threads', '1', '--python-nodes', '--unfused'
+    ])
+    torch.set_num_threads(1)
+    row = train_overhead.benchmark(18, args, torch.device('cpu'))
+    assert len(row['python_nodes_all_ms']) == 2
+    assert row['python_nodes_overhead'] == pytest.approx(
+        row['python_nodes_ms'] / row['dense_ms'])
+    low, high = row['gated_vs_python_nodes_low'], \
+        row['gated_vs_python_nodes_high']
+    assert low is None and high is None  # two rounds decide nothing
+    lines = train_overhead.markdown([row]).splitlines()
+    assert 'paired gated/unfused' in lines[0]
+    assert lines[0].index('unfused') < lines[0].index('python_nodes')
+    assert {line.count('|') for line in lines} == {26}
 
 
 def test_train_overhead_losses_only(tmp_path):

@@ -178,7 +178,7 @@ def test_collect_env_reports_versions_ops_and_registries():
     out = result.stdout
     for key in ('torch:', 'mmcv:', 'mmengine:', 'mmseg:', 'mmpretrain:',
                 'mmgated:', 'CUDA available:', 'mmcv ops: available',
-                'mmgated compiled ops: ',
+                'mmgated compiled ops: ', 'mmgated C++ training nodes: ',
                 'mmseg MODELS (mmgated): GatedResNet',
                 'mmpretrain MODELS (mmgated): GatedResNet'):
         assert key in out, key

@@ -5,6 +5,7 @@ gradient in the batch-shaping loss, each against the unfused PyTorch
 computation or scipy, compiled and with PyTorch operations."""
 import copy
 import importlib
+import logging
 
 import numpy as np
 import pytest
@@ -20,8 +21,10 @@ from mmgated.models.losses import BatchShapingLoss
 from mmgated.models.losses.priors import Prior, build_prior
 from mmgated.ops.batch_shaping import ARGSORT_MAX_ROWS, sort_columns
 from mmgated.ops.native import native_available
+from mmgated.ops.training_nodes import training_nodes
 
 native_module = importlib.import_module('mmgated.ops.native')
+nodes_module = importlib.import_module('mmgated.ops.training_nodes')
 gates_module = importlib.import_module('mmgated.models.gates')
 
 
@@ -34,6 +37,48 @@ def ops_mode(request, monkeypatch):
     return request.param
 
 
+# The autograd nodes of the gating module and the gated ReLU: in C++
+# ('cpp'), as Python Functions around the compiled kernels ('compiled') or
+# around PyTorch operations ('pytorch').
+CPP_NODES = dict(gate='torch::autograd::CppNode<mmgated::TrainingGate>',
+                 relu='torch::autograd::CppNode<mmgated::GatedReLU>')
+PYTHON_NODES = dict(gate='_TrainingGateBackward', relu='_GatedReLUBackward')
+
+
+@pytest.fixture(params=['cpp', 'compiled', 'pytorch'])
+def node_mode(request, monkeypatch):
+    if request.param == 'pytorch':
+        monkeypatch.setattr(native_module, '_library', False)
+    elif not native_available():
+        pytest.skip('no C compiler')
+    elif request.param == 'compiled':
+        monkeypatch.setattr(nodes_module, '_extension', False)
+    else:
+        _require_cpp_nodes()
+    return request.param
+
+
+def _require_cpp_nodes():
+    """The C++ nodes; skip where they cannot be built here."""
+    if not native_available():
+        pytest.skip('no C compiler')
+    nodes = training_nodes()
+    if nodes is None:
+        # Where a C compiler works the C++ nodes must build, unless
+        # PyTorch's extension tools (ninja) are missing.
+        from torch.utils.cpp_extension import is_ninja_available
+        assert not is_ninja_available(), 'the C++ training nodes failed'
+        pytest.skip('no ninja: the C++ nodes cannot be built')
+    return nodes
+
+
+def expected_node(mode, kind, dtype=torch.float32):
+    """The name of the autograd node that ``mode`` records for ``kind``
+    ('gate' or 'relu') on tensors of ``dtype``."""
+    cpp = mode == 'cpp' and dtype == torch.float32
+    return (CPP_NODES if cpp else PYTHON_NODES)[kind]
+
+
 def _unfused_gate(monkeypatch):
     monkeypatch.setattr(gates_module, 'can_fuse', lambda gate, x: False)
 
@@ -43,7 +88,7 @@ def _unfused_gate(monkeypatch):
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('gates_need_grad', [True, False])
-def test_gated_relu_equals_relu_times_gates(ops_mode, dtype,
+def test_gated_relu_equals_relu_times_gates(node_mode, dtype,
                                             gates_need_grad):
     torch.manual_seed(0)
     pre = torch.randn(3, 5, 4, 6, dtype=dtype)
@@ -57,11 +102,12 @@ def test_gated_relu_equals_relu_times_gates(ops_mode, dtype,
         g = gates.clone().requires_grad_(gates_need_grad)
         out = function(x * 1, g)
         (out * weight).sum().backward()
-        return out.detach(), x.grad, g.grad
+        return out.detach(), x.grad, g.grad, out.grad_fn.name()
 
     expected = run(lambda x, g: torch.relu(x) * g.to(dtype)[:, :, None,
                                                               None])
     got = run(gated_relu)
+    assert got[3] == expected_node(node_mode, 'relu', dtype)
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1])
     if gates_need_grad:
@@ -71,7 +117,7 @@ def test_gated_relu_equals_relu_times_gates(ops_mode, dtype,
         assert got[2] is None
 
 
-def test_gated_relu_consumes_its_input_as_an_inplace_relu(ops_mode):
+def test_gated_relu_consumes_its_input_as_an_inplace_relu(node_mode):
     """With autograd the pre-activation is kept unchanged (the backward
     reads it); without, it is overwritten with the result."""
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
@@ -87,7 +133,7 @@ def test_gated_relu_consumes_its_input_as_an_inplace_relu(ops_mode):
 
 
 @pytest.mark.parametrize('threads', [1, 2])
-def test_gated_relu_on_a_map_split_between_threads(ops_mode, threads):
+def test_gated_relu_on_a_map_split_between_threads(node_mode, threads):
     """A map large enough for the compiled passes to split its planes
     between threads, with closed planes in each thread's part."""
     previous = torch.get_num_threads()
@@ -115,7 +161,7 @@ def test_gated_relu_rejects_bad_shapes():
         gated_relu(torch.randn(2, 4), torch.ones(2, 4))
 
 
-def test_gated_relu_non_contiguous_map(ops_mode):
+def test_gated_relu_non_contiguous_map(node_mode):
     """A channels-last map takes the PyTorch path, with the same result."""
     pre = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last)
     x = pre.clone().requires_grad_()
@@ -195,17 +241,17 @@ def _train_gate(gate, x, steps=2):
 @pytest.mark.parametrize('channels', [(6, 10), (37, 21)])
 @pytest.mark.parametrize('variant', list(GATE_VARIANTS))
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-def test_fused_gate_equals_the_modules(variant, dtype, channels, ops_mode,
+def test_fused_gate_equals_the_modules(variant, dtype, channels, node_mode,
                                        monkeypatch):
     x = torch.randn(5, channels[0], 3, 4, dtype=dtype)
     gate = _gate(variant, dtype, *channels)
     reference = copy.deepcopy(gate)
     fused = _train_gate(gate, x)
-    assert type(fused[0].logits.grad_fn).__name__ == '_TrainingGateBackward'
+    assert fused[0].logits.grad_fn.name() == expected_node(
+        node_mode, 'gate', dtype)
     _unfused_gate(monkeypatch)
     expected = _train_gate(reference, x)
-    assert type(expected[0].logits.grad_fn).__name__ != \
-        '_TrainingGateBackward'
+    assert expected[0].logits.grad_fn.name() == 'AddmmBackward0'
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
     for name in ('logits', 'probs', 'relaxed'):
         torch.testing.assert_close(getattr(fused[0], name),
@@ -252,6 +298,158 @@ def test_fused_gate_backward_is_the_derivative():
         return logits, probs, relaxed
 
     assert torch.autograd.gradcheck(soft_outputs, (x, *params))
+
+
+# Which outputs carry a gradient, and whether the block input needs one.
+@pytest.mark.parametrize('used, x_needs_grad', [
+    (('gates', ), True),
+    (('probs', ), True),
+    (('relaxed', 'logits'), False),
+    ((), True),
+])
+def test_fused_gate_with_some_gradients(used, x_needs_grad, node_mode,
+                                        monkeypatch):
+    """Gradients from some outputs only (the gate losses read probs and
+    relaxed samples, the block the hard gates), and a block input without
+    one: as the modules."""
+    x = torch.randn(4, 37, 3, 3)
+
+    def run(gate):
+        inputs = x.clone().requires_grad_(x_needs_grad)
+        torch.manual_seed(1)
+        hard = gate(inputs)
+        outputs = dict(gates=hard, probs=gate.output.probs,
+                       relaxed=gate.output.relaxed,
+                       logits=gate.output.logits)
+        weight = torch.randn(hard.shape,
+                             generator=torch.Generator().manual_seed(2))
+        # A zero-weight term keeps the graph when no output is used.
+        loss = 0 * hard.sum() + sum(
+            (outputs[name] * weight).sum() for name in used)
+        loss.backward()
+        return inputs.grad, {n: p.grad for n, p in gate.named_parameters()}
+
+    gate = _gate('default', torch.float32, 37, 21)
+    reference = copy.deepcopy(gate)
+    got = run(gate)
+    _unfused_gate(monkeypatch)
+    expected = run(reference)
+    if x_needs_grad:
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5,
+                                   atol=1e-6)
+    else:
+        assert got[0] is None and expected[0] is None
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-5, atol=1e-5,
+                                   msg=name)
+
+
+def test_gated_relu_gates_of_another_dtype(node_mode):
+    """float64 gates on a float32 map: the gates' gradient comes back as
+    float64, the map's as float32."""
+    pre = torch.randn(2, 3, 4, 4)
+    x = pre.clone().requires_grad_()
+    gates = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]],
+                         dtype=torch.float64, requires_grad=True)
+    out = gated_relu(x * 1, gates)
+    assert out.dtype == torch.float32
+    assert out.grad_fn.name() == expected_node(node_mode, 'relu')
+    out.sum().backward()
+    assert gates.grad.dtype == torch.float64 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(gates.grad,
+                               torch.relu(pre).sum((2, 3)).double())
+    torch.testing.assert_close(
+        x.grad, ((pre > 0) * gates[:, :, None, None].float().detach()))
+
+
+@pytest.mark.parametrize('case', ['float64', 'channels last', 'one sample',
+                                  'gates on another device'])
+def test_cpp_nodes_decline_what_the_kernels_cannot_read(case):
+    """The C++ entries return None for tensors that the kernels do not
+    read; the callers then take the Python Functions."""
+    nodes = _require_cpp_nodes()
+    x = torch.randn(2, 4, 3, 3)
+    gates = torch.ones(2, 4)
+    if case == 'float64':
+        x = x.double()
+    elif case == 'channels last':
+        x = x.to(memory_format=torch.channels_last)
+    elif case == 'one sample':
+        x = x[:1]
+        gates = gates[:1]
+    else:
+        gates = gates.to('meta')
+    if case != 'gates on another device':
+        gate = _gate('default', x.dtype, 4, 5)
+        args = (x, torch.zeros(x.shape[0], 5, dtype=x.dtype),
+                gate.fc1.weight, gate.norm.weight, gate.norm.bias,
+                gate.fc2.weight, gate.fc2.bias, gate.norm.running_mean,
+                gate.norm.running_var, 0.1, 1e-5, 2 / 3)
+        assert nodes.training_gate(*args) is None
+        if case == 'one sample':
+            return  # the gated ReLU takes single samples
+    assert nodes.gated_relu(x.requires_grad_(), gates) is None
+
+
+def test_cpp_nodes_check_shapes():
+    """The kernels trust the shapes; the C++ entries check them."""
+    nodes = _require_cpp_nodes()
+    gate = _gate('default', torch.float32, 4, 5)
+    x = torch.randn(3, 4, 2, 2)
+    args = [x, torch.zeros(3, 5), gate.fc1.weight, gate.norm.weight,
+            gate.norm.bias, gate.fc2.weight, gate.fc2.bias,
+            gate.norm.running_mean, gate.norm.running_var, 0.1, 1e-5, 2 / 3]
+    assert nodes.training_gate(*args) is not None
+    for index, bad in ((0, torch.randn(3, 6, 2, 2)), (1, torch.zeros(3, 4)),
+                       (4, torch.zeros(15)), (8, torch.ones(2))):
+        wrong = list(args)
+        wrong[index] = bad
+        with pytest.raises(ValueError, match='inconsistent shapes'):
+            nodes.training_gate(*wrong)
+    with pytest.raises(ValueError, match=r'gates of shape \[3, 2\]'):
+        nodes.gated_relu(x.requires_grad_(), torch.ones(3, 2))
+
+
+def test_cpp_nodes_need_the_kernels(monkeypatch):
+    monkeypatch.setattr(native_module, '_library', False)
+    assert training_nodes() is None
+
+
+def test_cpp_nodes_off_by_environment(monkeypatch):
+    if not native_available():
+        pytest.skip('no C compiler')
+    monkeypatch.setattr(nodes_module, '_extension', None)
+    monkeypatch.setenv('MMGATED_CPP_NODES', '0')
+    assert training_nodes() is None
+    assert nodes_module._extension is False  # not tried again
+
+
+def test_failed_cpp_build_warns_and_falls_back(monkeypatch, tmp_path):
+    """A build that fails names the compiler's first error; the gated ReLU
+    and the gate then run as Python Functions."""
+    if not native_available():
+        pytest.skip('no C compiler')
+    from torch.utils import cpp_extension
+
+    def failing_load(*args, **kwargs):
+        raise RuntimeError('Error building extension:\n[1/2] c++ ...\n'
+                           'training_nodes.cpp:3:1: error: no compiler '
+                           'here\nninja: build stopped')
+
+    logged = []
+    monkeypatch.setattr(nodes_module, '_extension', None)
+    monkeypatch.setenv('MMGATED_CACHE', str(tmp_path))
+    monkeypatch.setattr(cpp_extension, 'load', failing_load)
+    monkeypatch.setattr(nodes_module, 'print_log',
+                        lambda msg, **kwargs: logged.append((msg, kwargs)))
+    assert training_nodes() is None
+    assert 'building the C++ training nodes' in logged[0][0]
+    assert 'training_nodes.cpp:3:1: error: no compiler here' in logged[-1][0]
+    assert logged[-1][1]['level'] == logging.WARNING
+    x = torch.randn(2, 3, 2, 2, requires_grad=True)
+    out = gated_relu(x * 1, torch.ones(2, 3))
+    assert out.grad_fn.name() == PYTHON_NODES['relu']
+    assert nodes_module._first_error('no error line') == 'no error line'
 
 
 @pytest.mark.parametrize('norm_cfg', [dict(type='BN'), dict(type='SyncBN')])

@@ -6,10 +6,12 @@ values: pooling, ``FC(c_in -> 16)``, BN, ReLU, ``FC(16 -> c)``, the Binary
 Concrete sample and the probabilities. Recorded one by one, their dispatch
 and autograd bookkeeping cost many times their arithmetic: about 1 ms per
 gate and training step on a 2-core CPU, 3-5 % of a ResNet-34 step. Here
-they are one ``autograd.Function`` with a hand-written backward pass, each
+they are one autograd node with a hand-written backward pass, each
 direction one compiled call (:mod:`mmgated.ops.gate_training`) for float32
-CPU tensors and a handful of PyTorch operations otherwise. The results
-equal those of the module-by-module computation in
+CPU tensors and a handful of PyTorch operations otherwise. For float32 CPU
+tensors the node is the C++ one of :mod:`mmgated.ops.training_nodes` where
+that extension builds, else ``_TrainingGate`` here. The results equal
+those of the module-by-module computation in
 :meth:`ChannelGate.forward <mmgated.models.gates.ChannelGate.forward>`,
 values, gradients and running statistics (``tests/test_training_ops.py``).
 """
@@ -17,6 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..ops.gate_training import gate_train_backward, gate_train_forward
+from ..ops.training_nodes import training_nodes
 from .folding import norm_sources
 
 
@@ -187,7 +190,12 @@ def fused_training_gate(gate, x: torch.Tensor, noise: torch.Tensor):
                 momentum = 1.0 / float(batches)
     else:
         running_mean = running_var = None
-    return _TrainingGate.apply(x, noise, modules['fc1']._parameters['weight'],
-                               norm_weight, norm_bias, fc2['weight'],
-                               fc2['bias'], running_mean, running_var,
-                               momentum, norm.eps, gate.tau)
+    arguments = (x, noise, modules['fc1']._parameters['weight'], norm_weight,
+                 norm_bias, fc2['weight'], fc2['bias'], running_mean,
+                 running_var, momentum, norm.eps, gate.tau)
+    nodes = training_nodes()
+    if nodes is not None:
+        outputs = nodes.training_gate(*arguments)
+        if outputs is not None:
+            return outputs
+    return _TrainingGate.apply(*arguments)

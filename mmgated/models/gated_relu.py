@@ -12,11 +12,14 @@ its own); the backward gives the map's gradient (``grad`` where ``x > 0``
 and the gate is open) and the gates' (``sum_hw grad * relu(x)``) together.
 Elsewhere the map's gradient is one ``threshold_backward`` against the
 gated output, the call the dense block's ReLU makes, plus the gates'
-product and sum.
+product and sum. Where the C++ nodes of :mod:`mmgated.ops.training_nodes`
+build, float32 CPU maps take that node instead of ``_GatedReLU``: the same
+kernels, without Python in the backward pass.
 """
 import torch
 
 from ..ops.gate_training import gated_relu_backward, gated_relu_forward
+from ..ops.training_nodes import training_nodes
 
 
 class _GatedReLU(torch.autograd.Function):
@@ -73,5 +76,10 @@ def gated_relu(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
                          f'gates of shape (N, C); got {tuple(x.shape)} and '
                          f'{tuple(gates.shape)}')
     if torch.is_grad_enabled() and (x.requires_grad or gates.requires_grad):
+        nodes = training_nodes()
+        if nodes is not None:
+            out = nodes.gated_relu(x, gates)
+            if out is not None:
+                return out
         return _GatedReLU.apply(x, gates)
     return x.clamp_min_(0).mul_(gates.to(x.dtype).view(*gates.shape, 1, 1))

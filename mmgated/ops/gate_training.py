@@ -17,31 +17,13 @@ from .native import float32_function, native_function, pointer
 _P, _L, _D, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_double, ctypes.c_int
 
 _SIGNATURES = dict(
+    gate_train_workspace_size=([_L] * 4, _L),
     gate_train_forward=([_P, _L, _L, _L, _P, _L, _P, _P, _P, _P, _D, _D, _P,
-                         _P, _L, _P, _D] + [_P] * 8 + [_I], ctypes.c_int),
-    gate_train_backward=([_L] * 5 + [_P] * 13 + [_D] + [_P] * 7, None),
+                         _P, _L, _P, _D] + [_P] * 4 + [_I], ctypes.c_int),
+    gate_train_backward=([_L] * 5 + [_P] * 10 + [_D] + [_P] * 6, None),
     gated_relu_forward=([_P, _P, _L, _L, _P, _I], None),
     gated_relu_backward=([_P, _P, _P, _L, _L, _P, _P, _I], None),
 )
-
-
-def _workspace(n: int, c: int, hidden: int, out: int):
-    """Offsets (in floats) of what the forward keeps for the backward in one
-    workspace tensor: pooled ``(N, C)``, xhat and active ``(N, hidden)``,
-    invstd ``(hidden, )``, then scratch space ``N * (out + 2 * hidden)``
-    (the forward needs less of it); the last entry is the size. One
-    allocation instead of five, each some microseconds, for every gate of
-    every step."""
-    sizes = (n * c, n * hidden, n * hidden, hidden, n * (out + 2 * hidden))
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    return offsets
-
-
-def _addresses(workspace, offsets):
-    base = workspace.data_ptr()
-    return [base + 4 * offset for offset in offsets[:-1]]
 
 
 def gate_train_forward(x, noise, fc1_weight, norm_weight, norm_bias,
@@ -64,17 +46,18 @@ def gate_train_forward(x, noise, fc1_weight, norm_weight, norm_bias,
         return None
     n, c, height, width = x.shape
     hidden, out = fc1_weight.shape[0], fc2_weight.shape[0]
-    offsets = _workspace(n, c, hidden, out)
-    workspace = x.new_empty(offsets[-1])
-    pooled, xhat, active, invstd, scratch = _addresses(workspace, offsets)
+    # What the backward needs, in one workspace laid out by the C code.
+    workspace = x.new_empty(native_function(
+        'gate_train_workspace_size',
+        *_SIGNATURES['gate_train_workspace_size'])(n, c, hidden, out))
     # Separate tensors (not views of one): they become autograd outputs.
     logits, relaxed, gates = (x.new_empty((n, out)) for _ in range(3))
     status = function(
         pointer(x), n, c, height * width, pointer(fc1_weight), hidden,
         pointer(norm_weight), pointer(norm_bias), pointer(running_mean),
         pointer(running_var), momentum, eps, pointer(fc2_weight),
-        pointer(fc2_bias), out, pointer(noise), tau, pooled, xhat, active,
-        invstd, pointer(logits), pointer(relaxed), pointer(gates), scratch,
+        pointer(fc2_bias), out, pointer(noise), tau, pointer(workspace),
+        pointer(logits), pointer(relaxed), pointer(gates),
         torch.get_num_threads())
     if status != 0:
         return None
@@ -113,12 +96,10 @@ def gate_train_backward(grads, probs, relaxed, workspace, fc1_weight,
               (out, ))
     results = [probs.new_empty(s) if need else None
                for s, need in zip(shapes, needs)]
-    pooled, xhat, active, invstd, scratch = _addresses(
-        workspace, _workspace(n, c, hidden, out))
     function(n, c, height * width, hidden, out, *map(pointer, grads),
-             pooled, xhat, active, invstd, pointer(probs), pointer(relaxed),
+             pointer(workspace), pointer(probs), pointer(relaxed),
              pointer(fc1_weight), pointer(norm_weight), pointer(fc2_weight),
-             tau, scratch, *map(pointer, results))
+             tau, *map(pointer, results))
     return results
 
 

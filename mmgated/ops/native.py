@@ -38,10 +38,15 @@ _FLAG_SETS = (
 _library = None  # the loaded library, False after a failed build
 
 
-def _cache_dir() -> str:
-    root = os.environ.get('MMGATED_CACHE') or osp.join(
+def cache_root() -> str:
+    """Where compiled code is cached: ``$MMGATED_CACHE``, by default
+    ``~/.cache/mmgated``."""
+    return os.environ.get('MMGATED_CACHE') or osp.join(
         osp.expanduser('~'), '.cache', 'mmgated')
-    return osp.join(root, 'ops')
+
+
+def _cache_dir() -> str:
+    return osp.join(cache_root(), 'ops')
 
 
 def _cpu_signature() -> str:

@@ -59,6 +59,13 @@ def collect_env() -> OrderedDict:
     except Exception as e:
         env['mmgated compiled ops'] = f'failed ({type(e).__name__}: {e})'
     try:
+        from mmgated.ops.training_nodes import training_nodes
+        env['mmgated C++ training nodes'] = 'not available (Python autograd ' \
+            'Functions instead)' if training_nodes() is None else 'available'
+    except Exception as e:
+        env['mmgated C++ training nodes'] = \
+            f'failed ({type(e).__name__}: {e})'
+    try:
         import mmgated  # noqa: F401  registers the components
         from mmgated.registry import available_model_registries
         for scope, registry in available_model_registries().items():

@@ -89,25 +89,52 @@ void pool_planes(const float* x, long P, long HW, float* pooled,
 }
 
 /*
- * Outputs: pooled (N, C), xhat (N, K), active (N, K), invstd (K), logits,
- * relaxed (before its sigmoid), gates (N, O). running_mean / running_var
- * (K) are updated with momentum when not NULL; bn_w / bn_b may be NULL (no
- * affine).
- * scratch: N * (K + 1) floats. Returns 0, or -1 for N < 2 (no batch
- * variance).
+ * What the forward keeps for the backward, in one workspace of
+ * gate_train_workspace_size floats: pooled (N, C), xhat and active (N, K),
+ * invstd (K), then scratch space, N * (O + 2 * K) floats (the forward needs
+ * N * (K + 1) of it). One allocation instead of five, for every gate of
+ * every training step.
+ */
+typedef struct {
+    float *pooled, *xhat, *active, *invstd, *scratch;
+} gate_workspace;
+
+static gate_workspace workspace_layout(float* base, long N, long C, long K)
+{
+    gate_workspace w;
+    w.pooled = base;
+    w.xhat = w.pooled + N * C;
+    w.active = w.xhat + N * K;
+    w.invstd = w.active + N * K;
+    w.scratch = w.invstd + K;
+    return w;
+}
+
+long gate_train_workspace_size(long N, long C, long K, long O)
+{
+    return N * C + 2 * N * K + K + N * (O + 2 * K);
+}
+
+/*
+ * Outputs: the workspace (above), logits, relaxed (before its sigmoid),
+ * gates (N, O). running_mean / running_var (K) are updated with momentum
+ * when not NULL; bn_w / bn_b may be NULL (no affine). Returns 0, or -1 for
+ * N < 2 (no batch variance).
  */
 int gate_train_forward(const float* x, long N, long C, long HW,
                        const float* w1, long K, const float* bn_w,
                        const float* bn_b, float* running_mean,
                        float* running_var, double momentum, double eps,
                        const float* w2, const float* b2, long O,
-                       const float* noise, double tau, float* pooled,
-                       float* xhat, float* active, float* invstd,
+                       const float* noise, double tau, float* workspace,
                        float* logits, float* relaxed, float* gates,
-                       float* scratch, int nthreads)
+                       int nthreads)
 {
     if (N < 2)
         return -1;
+    gate_workspace ws = workspace_layout(workspace, N, C, K);
+    float *pooled = ws.pooled, *xhat = ws.xhat, *active = ws.active;
+    float *invstd = ws.invstd, *scratch = ws.scratch;
     pool_planes(x, N * C, HW, pooled, nthreads);
     for (long n = 0; n < N; n++)
         for (long k = 0; k < K; k++)  /* hidden, normalised below */
@@ -174,22 +201,25 @@ int gate_train_forward(const float* x, long N, long C, long HW,
 /*
  * Gradients of the gating module from those of its outputs; any of
  * grad_logits, grad_probs, grad_relaxed, grad_gates may be NULL (no
- * gradient). scratch: N * (O + 2 * K) floats. Outputs (each may be NULL
- * when not needed): grad_pooled (N, C) (the gradient of x is its broadcast
- * over HW, divided by HW here), grad_w1 (K, C), grad_bn_w, grad_bn_b (K),
- * grad_w2 (O, K), grad_b2 (O).
+ * gradient). workspace: the forward's (its scratch space is overwritten).
+ * Outputs (each may be NULL when not needed): grad_pooled (N, C) (the
+ * gradient of x is its broadcast over HW, divided by HW here), grad_w1
+ * (K, C), grad_bn_w, grad_bn_b (K), grad_w2 (O, K), grad_b2 (O).
  */
 void gate_train_backward(long N, long C, long HW, long K, long O,
                          const float* grad_logits, const float* grad_probs,
                          const float* grad_relaxed, const float* grad_gates,
-                         const float* pooled, const float* xhat,
-                         const float* active, const float* invstd,
-                         const float* probs, const float* relaxed,
-                         const float* w1, const float* bn_w, const float* w2,
-                         double tau, float* scratch, float* grad_pooled,
-                         float* grad_w1, float* grad_bn_w, float* grad_bn_b,
-                         float* grad_w2, float* grad_b2)
+                         float* workspace, const float* probs,
+                         const float* relaxed, const float* w1,
+                         const float* bn_w, const float* w2, double tau,
+                         float* grad_pooled, float* grad_w1,
+                         float* grad_bn_w, float* grad_bn_b, float* grad_w2,
+                         float* grad_b2)
 {
+    gate_workspace ws = workspace_layout(workspace, N, C, K);
+    const float *pooled = ws.pooled, *xhat = ws.xhat, *active = ws.active;
+    const float* invstd = ws.invstd;
+    float* scratch = ws.scratch;
     float* gl = scratch;             /* (N, O) gradient of the logits */
     float* gy = scratch + N * O;     /* (N, K) before the ReLU */
     float* gh = gy + N * K;          /* (N, K) of the hidden layer */
