@@ -34,6 +34,8 @@ setup(
         'opencv-python',
         'scipy',
         'matplotlib',
+        # Builds the C++ training nodes (mmgated/ops/training_nodes.py).
+        'ninja',
         # mmseg 1.2.2 imports these without declaring them.
         'ftfy',
         'regex',

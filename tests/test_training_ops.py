@@ -6,6 +6,9 @@ computation or scipy, compiled and with PyTorch operations."""
 import copy
 import importlib
 import logging
+import os
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -408,6 +411,34 @@ def test_cpp_nodes_check_shapes():
             nodes.training_gate(*wrong)
     with pytest.raises(ValueError, match=r'gates of shape \[3, 2\]'):
         nodes.gated_relu(x.requires_grad_(), torch.ones(3, 2))
+
+
+def test_cpp_build_finds_the_ninja_beside_the_interpreter(
+        monkeypatch, tmp_path):
+    """A virtual environment's python, run without activating it, has
+    pip's ninja beside it but not on PATH: the build sees it there, and
+    PATH is restored afterwards."""
+    from torch.utils import cpp_extension
+    bin_dir = tmp_path / 'venv' / 'bin'
+    bin_dir.mkdir(parents=True)
+    (bin_dir / 'ninja').write_text('#!/bin/sh\n')
+    (bin_dir / 'ninja').chmod(0o755)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    seen = []
+
+    def recording_load(*args, **kwargs):
+        seen.append(shutil.which('ninja'))
+        raise RuntimeError('stop here')
+
+    monkeypatch.setenv('PATH', str(elsewhere))
+    monkeypatch.setenv('MMGATED_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(sys, 'executable', str(bin_dir / 'python'))
+    monkeypatch.setattr(cpp_extension, 'load', recording_load)
+    monkeypatch.setattr(nodes_module, 'print_log', lambda *a, **k: None)
+    assert nodes_module._load() is None
+    assert seen == [str(bin_dir / 'ninja')]
+    assert os.environ['PATH'] == str(elsewhere)
 
 
 def test_cpp_nodes_need_the_kernels(monkeypatch):

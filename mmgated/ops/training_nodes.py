@@ -23,6 +23,8 @@ import hashlib
 import logging
 import os
 import os.path as osp
+import shutil
+import sys
 
 import torch
 from mmengine.logging import print_log
@@ -64,6 +66,14 @@ def _load():
     cuda_logger = logging.getLogger('torch.utils.cpp_extension')
     level = cuda_logger.level
     cuda_logger.setLevel(logging.ERROR)
+    path = os.environ.get('PATH')
+    # cpp_extension runs the ninja that PATH names. pip installs ninja
+    # beside the interpreter, which is not on PATH where a virtual
+    # environment's python runs without being activated (as the README's
+    # commands run it).
+    bin_dir = osp.dirname(sys.executable)
+    if shutil.which('ninja') is None and shutil.which('ninja', path=bin_dir):
+        os.environ['PATH'] = os.pathsep.join(p for p in (bin_dir, path) if p)
     try:
         from torch.utils import cpp_extension
         os.makedirs(build_dir, exist_ok=True)
@@ -82,6 +92,10 @@ def _load():
         return None
     finally:
         cuda_logger.setLevel(level)
+        if path is None:
+            os.environ.pop('PATH', None)
+        else:
+            os.environ['PATH'] = path
 
 
 def training_nodes():
