@@ -365,6 +365,20 @@ def test_gated_relu_gates_of_another_dtype(node_mode):
         x.grad, ((pre > 0) * gates[:, :, None, None].float().detach()))
 
 
+def test_gated_relu_gradient_of_the_gates_only(node_mode):
+    """A map that needs no gradient (the gates do): only the gates'
+    gradient is computed."""
+    pre = torch.randn(2, 3, 4, 4)
+    gates = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]],
+                         requires_grad=True)
+    out = gated_relu(pre.clone(), gates)
+    assert out.grad_fn.name() == expected_node(node_mode, 'relu')
+    weight = torch.randn(2, 3, 4, 4)
+    (out * weight).sum().backward()
+    torch.testing.assert_close(gates.grad,
+                               (torch.relu(pre) * weight).sum((2, 3)))
+
+
 @pytest.mark.parametrize('case', ['float64', 'channels last', 'one sample',
                                   'gates on another device'])
 def test_cpp_nodes_decline_what_the_kernels_cannot_read(case):

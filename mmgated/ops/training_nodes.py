@@ -4,16 +4,17 @@
 the gating module's and the gated ReLU's training forward and backward as
 Python autograd Functions. Their compiled kernels are quick, but in a
 training step the Python around them is not: it runs between convolutions
-that have evicted the interpreter from the caches, at some 5-10 us an
-operation, about as long as the kernels themselves at the sizes of a
-ResNet. The same nodes in C++ call the same kernels
+that have evicted the interpreter from the caches, at some 15-30 µs an
+operation, as long as the kernels themselves at the sizes of a ResNet.
+The same nodes in C++ call the same kernels
 (:mod:`mmgated.ops.gate_training`, bound by address) with no Python in the
 backward pass and one call in the forward.
 
 The extension is built with :func:`torch.utils.cpp_extension.load` on first
-use, in about a minute, and cached in ``$MMGATED_CACHE/nodes`` (default
-``~/.cache/mmgated/nodes``), keyed by the source and torch's version. It
-needs what building any PyTorch extension needs (a C++20 compiler, ninja,
+use, in about 40 seconds on 2 cores, and cached in
+``$MMGATED_CACHE/nodes`` (default ``~/.cache/mmgated/nodes``), keyed by the
+source, the versions of torch and Python and the machine type. It needs
+what building any PyTorch extension needs (a C++20 compiler, ninja,
 torch's headers) besides the compiled library; without them, or with
 ``MMGATED_NATIVE=0`` or ``MMGATED_CPP_NODES=0``, :func:`training_nodes` is
 None and the Python Functions run, with the same results.
@@ -23,6 +24,7 @@ import hashlib
 import logging
 import os
 import os.path as osp
+import platform
 import shutil
 import sys
 
@@ -40,8 +42,14 @@ _extension = None  # the loaded module, False after a failed build
 
 
 def _build_dir() -> str:
+    # An extension module is built for one Python, one torch and one
+    # machine type.
     with open(_SOURCE, 'rb') as f:
-        key = hashlib.sha1(f.read() + torch.__version__.encode())
+        key = hashlib.sha1(b'\0'.join([
+            f.read(), torch.__version__.encode(),
+            sys.version.split()[0].encode(),
+            platform.machine().encode()
+        ]))
     return osp.join(native.cache_root(), 'nodes', key.hexdigest()[:16])
 
 
@@ -59,7 +67,7 @@ def _load():
     cannot be built."""
     build_dir = _build_dir()
     if not osp.exists(osp.join(build_dir, 'mmgated_training_nodes.so')):
-        print_log('mmgated: building the C++ training nodes (once, about a '
+        print_log('mmgated: building the C++ training nodes (once, under a '
                   f'minute) in {build_dir}', logger='current')
     # cpp_extension warns on import where there is no CUDA, which a CPU
     # extension does not need.

@@ -7,7 +7,7 @@
  * file only allocates the results and records the nodes. As Python
  * autograd Functions the same calls spend more time in the interpreter than
  * in the kernels: between two convolutions the interpreter's code and data
- * are out of the caches, and each Python operation costs some 5-10 us.
+ * are out of the caches, and each Python operation costs some 15-30 us.
  *
  * Each entry returns None where its tensors are not what the kernels read
  * (float32, on the CPU, contiguous): the callers then use the Python
