@@ -155,8 +155,8 @@ struct TrainingGate : public torch::autograd::Function<TrainingGate> {
 struct GatedReLU : public torch::autograd::Function<GatedReLU> {
     static Tensor forward(AutogradContext* ctx, Tensor x, Tensor gates) {
         ctx->set_materialize_grads(false);
-        ctx->saved_data["gates_dtype"] =
-            static_cast<int64_t>(gates.scalar_type());
+        // The gates' gradient comes back as float32; the autograd engine
+        // casts it to the gates' dtype.
         Tensor gates32 = gates.to(at::kFloat).contiguous();
         Tensor out = at::empty_like(x);
         kernels.relu_forward(data(x), data(gates32), x.size(0) * x.size(1),
@@ -182,9 +182,6 @@ struct GatedReLU : public torch::autograd::Function<GatedReLU> {
                               x.size(0) * x.size(1), x.size(2) * x.size(3),
                               data(grad_x), data(grad_gates),
                               at::get_num_threads());
-        if (grad_gates.defined())
-            grad_gates = grad_gates.to(static_cast<at::ScalarType>(
-                ctx->saved_data["gates_dtype"].toInt()));
         return {grad_x, grad_gates};
     }
 };
