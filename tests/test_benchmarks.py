@@ -270,7 +270,7 @@ def test_train_overhead_unfused():
     import mmgated.models.gates as gates
     from mmgated.models import collect_gates
     from mmgated.models.backbones.mmpretrain_resnet import GatedResNet
-    fused_functions = (gates.can_fuse, blocks.gated_relu)
+    fused_functions = (gates.fused_training_gate, blocks.gated_relu)
     model = GatedResNet(depth=18).train()
     x = torch.randn(2, 3, 32, 32)
     with train_overhead.unfused():
@@ -278,7 +278,7 @@ def test_train_overhead_unfused():
         names = {type(o.logits.grad_fn).__name__
                  for o in collect_gates(model).values()}
     assert names == {'AddmmBackward0'}
-    assert (gates.can_fuse, blocks.gated_relu) == fused_functions
+    assert (gates.fused_training_gate, blocks.gated_relu) == fused_functions
     model(x)
     names = {o.logits.grad_fn.name() for o in collect_gates(model).values()}
     assert names == {fused_gate_node()}

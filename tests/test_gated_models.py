@@ -127,6 +127,32 @@ def test_loss_dict_has_gate_losses(scope, make_cfg, make_batch):
 
 
 @pytest.mark.parametrize('scope,make_cfg,make_batch', CASES)
+def test_gate_losses_read_the_given_gates(scope, make_cfg, make_batch):
+    """loss() reads the gates it cleared before the forward; gate_losses
+    reads all of the model's by default, or the given ones, and skips
+    those that did not run."""
+    from mmgated.models import clear_gates, gate_modules
+    model = build(scope, make_cfg())
+    model.train()
+    losses = model.loss(*make_batch())
+    gates = list(gate_modules(model).values())
+    assert all(g.output is not None for g in gates)
+    again = model.gate_losses(gates)
+    for name, value in model.gate_losses().items():
+        assert torch.equal(again[name], value)
+        torch.testing.assert_close(value, losses[name])
+    first = gates[0]
+    rate = model.gate_losses([first])['gate_open_rate']
+    assert rate == first.output.gates.float().mean()
+    clear_gates(gates[1:])
+    assert gates[1].output is None and first.output is not None
+    assert model.gate_losses()['gate_open_rate'] == rate
+    clear_gates(model)
+    with pytest.raises(RuntimeError, match='no gate ran'):
+        model.gate_losses()
+
+
+@pytest.mark.parametrize('scope,make_cfg,make_batch', CASES)
 def test_zero_weight_losses_are_skipped(scope, make_cfg, make_batch,
                                         monkeypatch):
     model = build(scope, make_cfg())

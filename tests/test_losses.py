@@ -233,6 +233,21 @@ def test_l0_loss_matches_eq5():
         pytest.approx(expected * 8, rel=1e-6)
 
 
+def test_l0_loss_follows_changed_macs_and_widths():
+    """The per-gate weights are kept between calls; new MAC figures (a new
+    input size) or layer widths give new ones."""
+    torch.manual_seed(0)
+    loss = GateL0Loss(weighting='macs')
+    calls = [([torch.rand(4, 3), torch.rand(4, 5)], [10.0, 1.0]),
+             ([torch.rand(4, 3), torch.rand(4, 5)], [1.0, 10.0]),
+             ([torch.rand(4, 2), torch.rand(4, 6)], [1.0, 10.0]),
+             ([torch.rand(4, 2).double(), torch.rand(4, 6).double()],
+              [1.0, 10.0])]
+    for probs, macs in calls:
+        assert loss(probs, macs).item() == pytest.approx(
+            GateL0Loss(weighting='macs')(probs, macs).item(), rel=1e-12)
+
+
 def test_l0_loss_arguments():
     with pytest.raises(ValueError, match="reduction 'max'"):
         GateL0Loss(reduction='max')

@@ -10,8 +10,11 @@ they are one autograd node with a hand-written backward pass, each
 direction one compiled call (:mod:`mmgated.ops.gate_training`) for float32
 CPU tensors and a handful of PyTorch operations otherwise. For float32 CPU
 tensors the node is the C++ one of :mod:`mmgated.ops.training_nodes` where
-that extension builds, else ``_TrainingGate`` here. The results equal
-those of the module-by-module computation in
+that extension builds, else ``_TrainingGate`` here; the C++ entry also
+draws the logistic noise (the values :func:`logistic_noise` draws, from
+the same generator) and advances the norm's batch counter, Python
+operations that cost some 30 µs each between two convolutions. The
+results equal those of the module-by-module computation in
 :meth:`ChannelGate.forward <mmgated.models.gates.ChannelGate.forward>`,
 values, gradients and running statistics (``tests/test_training_ops.py``).
 """
@@ -21,6 +24,15 @@ from torch.autograd.function import once_differentiable
 from ..ops.gate_training import gate_train_backward, gate_train_forward
 from ..ops.training_nodes import training_nodes
 from .folding import norm_sources
+
+
+def logistic_noise(shape, like: torch.Tensor) -> torch.Tensor:
+    """Logistic(0, 1) noise ``log(u) - log(1 - u)`` of ``shape``, with the
+    dtype and device of ``like``."""
+    # logit(u) = log(u) - log(1 - u), with u kept in [1e-6, 1 - 1e-6]; in
+    # place, as it runs for every gate of every training step.
+    return torch.rand(shape, dtype=like.dtype,
+                      device=like.device).logit_(eps=1e-6)
 
 
 def _sigmoid_grad(s):
@@ -144,36 +156,51 @@ def _backward_torch(ctx, output_grads, saved, wanted):
     return results
 
 
-def can_fuse(gate, x: torch.Tensor) -> bool:
-    """Whether :func:`fused_training_gate` computes ``gate``'s training
-    forward on ``x``: a plain (not synchronised) batch norm, more than one
-    sample, no autocast and no tracing."""
+def _modules_fuse(gate) -> bool:
+    """Whether ``gate``'s layers are those the fused node computes: a plain
+    (not synchronised) batch norm and ``fc1`` without bias."""
     # From the modules' dicts, as in fused_training_gate.
     modules = gate._modules
     norm = modules['norm']
     return (isinstance(norm, torch.nn.modules.batchnorm._BatchNorm)
             and not isinstance(norm, torch.nn.SyncBatchNorm)
-            and modules['fc1']._parameters.get('bias') is None
-            and x.dim() == 4 and x.shape[0] > 1
+            and modules['fc1']._parameters.get('bias') is None)
+
+
+def _input_fuses(x: torch.Tensor) -> bool:
+    """Whether the fused node takes ``x``: more than one sample (the batch
+    variance), no autocast and no tracing (the MAC counters count the
+    layers). The C++ entry checks the same."""
+    return (x.dim() == 4 and x.shape[0] > 1
             and not torch.is_autocast_enabled(x.device.type)
             and not torch.jit.is_tracing())
 
 
-def fused_training_gate(gate, x: torch.Tensor, noise: torch.Tensor):
-    """The training forward of ``gate`` on ``x`` with the logistic ``noise``,
-    as one autograd node; the running statistics of its norm are updated.
+def can_fuse(gate, x: torch.Tensor) -> bool:
+    """Whether :func:`fused_training_gate` computes ``gate``'s training
+    forward on ``x``: a plain (not synchronised) batch norm, more than one
+    sample, no autocast and no tracing."""
+    return _modules_fuse(gate) and _input_fuses(x)
+
+
+def fused_training_gate(gate, x: torch.Tensor):
+    """The training forward of ``gate`` on ``x`` as one autograd node,
+    where :func:`can_fuse` holds; the running statistics of its norm are
+    updated.
 
     Args:
-        gate (ChannelGate): A gate in training mode for which
-            :func:`can_fuse` holds.
+        gate (ChannelGate): A gate in training mode.
         x (Tensor): Block input ``(N, C_in, H, W)``.
-        noise (Tensor): Logistic noise ``(N, out_channels)``.
 
     Returns:
-        tuple[Tensor, Tensor, Tensor, Tensor]: logits, probabilities,
-        relaxed sample and hard gates (with the straight-through gradient),
-        as :class:`~mmgated.models.gates.GateOutput` holds them.
+        tuple[Tensor, Tensor, Tensor, Tensor] | None: logits,
+        probabilities, relaxed sample and hard gates (with the
+        straight-through gradient), as
+        :class:`~mmgated.models.gates.GateOutput` holds them; None where
+        :func:`can_fuse` does not hold (nothing is drawn or updated then).
     """
+    if not _modules_fuse(gate):
+        return None
     # Parameters and buffers straight from the modules' dicts:
     # nn.Module.__getattr__ costs about a microsecond a name, a dozen names
     # for every gate of every training step.
@@ -181,21 +208,31 @@ def fused_training_gate(gate, x: torch.Tensor, noise: torch.Tensor):
     norm = modules['norm']
     fc2 = modules['fc2']._parameters
     running_mean, running_var, norm_weight, norm_bias = norm_sources(norm)
-    momentum = 0.0 if norm.momentum is None else norm.momentum
+    batches = None
     if norm.track_running_stats:
         batches = norm._buffers.get('num_batches_tracked')
-        if batches is not None:
-            batches.add_(1)
-            if norm.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(batches)
     else:
         running_mean = running_var = None
-    arguments = (x, noise, modules['fc1']._parameters['weight'], norm_weight,
-                 norm_bias, fc2['weight'], fc2['bias'], running_mean,
-                 running_var, momentum, norm.eps, gate.tau)
+    fc1_weight = modules['fc1']._parameters['weight']
     nodes = training_nodes()
     if nodes is not None:
-        outputs = nodes.training_gate(*arguments)
+        # The C++ entry also draws the noise and advances the batch
+        # counter: each Python operation here costs several times its
+        # work, right after a convolution.
+        outputs = nodes.training_gate(x, None, fc1_weight, norm_weight,
+                                      norm_bias, fc2['weight'], fc2['bias'],
+                                      running_mean, running_var, batches,
+                                      norm.momentum, norm.eps, gate.tau)
         if outputs is not None:
             return outputs
-    return _TrainingGate.apply(*arguments)
+    if not _input_fuses(x):
+        return None
+    noise = logistic_noise((x.shape[0], gate.out_channels), x)
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if batches is not None:
+        batches.add_(1)
+        if norm.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(batches)
+    return _TrainingGate.apply(x, noise, fc1_weight, norm_weight, norm_bias,
+                               fc2['weight'], fc2['bias'], running_mean,
+                               running_var, momentum, norm.eps, gate.tau)

@@ -59,9 +59,12 @@ class GateLossMixin:
 
     def loss(self, inputs, data_samples) -> dict:
         """The parent's losses plus :meth:`gate_losses`."""
-        clear_gates(self)
+        # One traversal of the model per step (some 0.3 ms for a ResNet):
+        # the gates cleared before the forward are those read after it.
+        gates = list(gate_modules(self).values())
+        clear_gates(gates)
         losses = super().loss(inputs, data_samples)
-        losses.update(self.gate_losses())
+        losses.update(self.gate_losses(gates))
         return losses
 
     def predict(self, inputs, data_samples=None):
@@ -105,16 +108,22 @@ class GateLossMixin:
         test_cfg = getattr(self, 'test_cfg', None) or {}
         return test_cfg.get('mode', 'whole') == 'whole'
 
-    def gate_losses(self) -> dict:
+    def gate_losses(self, gates=None) -> dict:
         """Gate losses and statistics of the last forward pass.
+
+        Args:
+            gates (list[ChannelGate], optional): The gating modules to
+                read. Default: all of the model's.
 
         Returns:
             dict: ``loss_bs`` and ``loss_l0`` where their loss exists and its
             weight is not 0, and ``gate_open_rate`` (the mean of the hard
             gates, a logged scalar that is not summed into the loss).
         """
+        if gates is None:
+            gates = gate_modules(self).values()
         outputs, macs = [], []
-        for module in gate_modules(self).values():
+        for module in gates:
             if module.output is not None:
                 outputs.append(module.output)
                 macs.append(module.controlled_macs)

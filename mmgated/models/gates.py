@@ -14,7 +14,7 @@ model, keyed by module name. Losses and analysis read gates only through it.
 import math
 from collections import OrderedDict
 from numbers import Real
-from typing import Dict, Optional, Union
+from typing import Dict, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,8 @@ from mmengine.model import BaseModule, is_model_wrapper
 
 from ..ops.gate_logits import gate_logits_unchecked
 from .folding import bn_scale_shift, cached_on, norm_sources
-from .fused_gate import can_fuse, fused_training_gate, relaxed_sample_grad
+from .fused_gate import (fused_training_gate, logistic_noise,
+                         relaxed_sample_grad)
 
 GATE_CFG_DEFAULTS = dict(
     hidden_channels=16,
@@ -145,15 +146,6 @@ def check_gated_stages(stages, num_stages: int) -> None:
     if bad:
         raise ValueError(f'gate_cfg stages {bad} out of range; this backbone '
                          f'has stages 0..{num_stages - 1}')
-
-
-def logistic_noise(shape, like: torch.Tensor) -> torch.Tensor:
-    """Logistic(0, 1) noise ``log(u) - log(1 - u)`` of ``shape``, with the
-    dtype and device of ``like``."""
-    # logit(u) = log(u) - log(1 - u), with u kept in [1e-6, 1 - 1e-6]; in
-    # place, as it runs for every gate of every training step.
-    return torch.rand(shape, dtype=like.dtype,
-                      device=like.device).logit_(eps=1e-6)
 
 
 class _BinaryConcrete(torch.autograd.Function):
@@ -284,6 +276,12 @@ class ChannelGate(BaseModule):
             the dtype of the logits; in training differentiable through the
             straight-through Binary Concrete estimator.
         """
+        if self.training:
+            # The same computation as the layers below, as one autograd node,
+            # where it applies.
+            fused = fused_training_gate(self, x)
+            if fused is not None:
+                return self._record(*fused)
         tracing = torch.jit.is_tracing()
         if not (self.training or torch.is_grad_enabled() or tracing):
             # Inference: BN folded into fc1, the whole module one compiled
@@ -294,10 +292,6 @@ class ChannelGate(BaseModule):
             if folded is not None:
                 logits, gates = gate_logits_unchecked(x, *folded)
                 return self._record(logits, None, None, gates)
-        if self.training and can_fuse(self, x):
-            # The same computation as below, as one autograd node.
-            noise = logistic_noise((x.shape[0], self.out_channels), x)
-            return self._record(*fused_training_gate(self, x, noise))
         if tracing:
             # The MAC counters count the pooling as an aten::mean.
             pooled = x.mean(dim=(2, 3))
@@ -402,10 +396,14 @@ def collect_gates(model: nn.Module) -> Dict[str, GateOutput]:
                        if m.output is not None)
 
 
-def clear_gates(model: nn.Module) -> None:
-    """Drop the stored gate outputs (and the graph they hold) of a model."""
-    for m in gate_modules(model).values():
-        m.output = None
+def clear_gates(model: Union[nn.Module, Iterable[ChannelGate]]) -> None:
+    """Drop the stored gate outputs (and the graph they hold) of a model,
+    or of the given :class:`ChannelGate` modules."""
+    gates = (gate_modules(model).values()
+             if isinstance(model, nn.Module) else model)
+    for m in gates:
+        # Past nn.Module.__setattr__, as ChannelGate._record writes it.
+        m.__dict__['output'] = None
 
 
 class force_gates:

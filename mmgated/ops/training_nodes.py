@@ -113,10 +113,11 @@ def training_nodes():
     Returns:
         module | None: With ``training_gate(x, noise, fc1_weight,
         norm_weight, norm_bias, fc2_weight, fc2_bias, running_mean,
-        running_var, momentum, eps, tau)`` (the arguments of
-        :class:`~mmgated.models.fused_gate._TrainingGate`) and
-        ``gated_relu(x, gates)``, each returning None where the kernels do
-        not read the given tensors.
+        running_var, num_batches_tracked, momentum, eps, tau)`` (the
+        norm's own buffers and momentum; the noise drawn where it is None,
+        the counter advanced) and ``gated_relu(x, gates)``, each returning
+        None, having done nothing, where the kernels do not read the given
+        tensors or the module-by-module path must run.
     """
     global _extension
     library = native.native_library()

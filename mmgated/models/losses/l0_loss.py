@@ -89,10 +89,21 @@ class GateL0Loss(nn.Module):
         if all(w == weights[0] for w in weights):
             total = stacked.sum(dim=1)
         else:
-            per_gate = torch.repeat_interleave(
-                torch.tensor([w / mean_weight for w in weights],
-                             dtype=stacked.dtype),
-                torch.tensor(counts)).to(stacked.device)
-            total = stacked @ per_gate
+            total = stacked @ self._per_gate_weights(
+                weights, counts, mean_weight, stacked)
         per_sample = total if self.reduction == 'sum' else total / num_gates
         return self.loss_weight * per_sample.mean()
+
+    def _per_gate_weights(self, weights, counts, mean_weight, like):
+        """The ``(K,)`` weight of each gate relative to the mean, cached
+        while the layers' MACs and widths stay (as they do from one
+        training step to the next)."""
+        key = (tuple(weights), tuple(counts), like.dtype, like.device)
+        cached = self.__dict__.get('_weights_cache')
+        if cached is None or cached[0] != key:
+            per_gate = torch.repeat_interleave(
+                torch.tensor([w / mean_weight for w in weights],
+                             dtype=like.dtype),
+                torch.tensor(counts)).to(like.device)
+            cached = self.__dict__['_weights_cache'] = (key, per_gate)
+        return cached[1]

@@ -91,8 +91,8 @@ void pool_planes(const float* x, long P, long HW, float* pooled,
 /*
  * What the forward keeps for the backward, in one workspace of
  * gate_train_workspace_size floats: pooled (N, C), xhat and active (N, K),
- * invstd (K), then scratch space, N * (O + 2 * K) floats (the forward needs
- * N * (K + 1) of it). One allocation instead of five, for every gate of
+ * invstd (K), then scratch space: N * (O + 2 * K) floats for the backward,
+ * K * O for the forward. One allocation instead of five, for every gate of
  * every training step.
  */
 typedef struct {
@@ -112,7 +112,8 @@ static gate_workspace workspace_layout(float* base, long N, long C, long K)
 
 long gate_train_workspace_size(long N, long C, long K, long O)
 {
-    return N * C + 2 * N * K + K + N * (O + 2 * K);
+    long backward = N * (O + 2 * K), forward = K * O;
+    return N * C + 2 * N * K + K + (backward > forward ? backward : forward);
 }
 
 /*
@@ -166,33 +167,27 @@ int gate_train_forward(const float* x, long N, long C, long HW,
             active[n * K + k] = v > 0.f ? v : 0.f;
         }
     }
-    /* The output layer as sums over k of a weight times a column of the
-     * (K, N) transposed activations, vectorised over the batch: a dot
-     * product of length K (16) per output would each end in a horizontal
-     * sum, some four times slower for 512 outputs. */
-    float* columns = scratch;       /* (K, N) */
-    float* sums = scratch + K * N;  /* (N) */
-    for (long n = 0; n < N; n++)
+    /* The output layer row by row, as sums over k of active[n, k] times
+     * a row of the transposed weights (K, O): vectorised over the
+     * outputs, with the sums in registers (combine_rows). */
+    float* w2t = scratch;  /* (K, O) */
+    for (long o = 0; o < O; o++)
         for (long k = 0; k < K; k++)
-            columns[k * N + n] = active[n * K + k];
+            w2t[k * O + o] = w2[o * K + k];
     float inv_tau = (float)(1.0 / tau);
-    for (long o = 0; o < O; o++) {
+    for (long n = 0; n < N; n++) {
+        float* row = logits + n * O;
+        combine_rows(row, O, active + n * K, 1, w2t, O, K, 1.f);
+        const float* draws = noise + n * O;
+        float* soft = relaxed + n * O;
+        float* hard = gates + n * O;
         #pragma omp simd
-        for (long n = 0; n < N; n++)
-            sums[n] = b2[o];
-        for (long k = 0; k < K; k++) {
-            float w = w2[o * K + k];
-            const float* column = columns + k * N;
-            #pragma omp simd
-            for (long n = 0; n < N; n++)
-                sums[n] += w * column[n];
-        }
-        for (long n = 0; n < N; n++) {
-            float s = sums[n];
-            float noisy = s + noise[n * O + o];
-            logits[n * O + o] = s;
-            relaxed[n * O + o] = noisy * inv_tau;
-            gates[n * O + o] = noisy > 0.f ? 1.f : 0.f;
+        for (long o = 0; o < O; o++) {
+            float s = row[o] + b2[o];
+            float noisy = s + draws[o];
+            row[o] = s;
+            soft[o] = noisy * inv_tau;
+            hard[o] = noisy > 0.f ? 1.f : 0.f;
         }
     }
     return 0;

@@ -13,6 +13,8 @@
  * (float32, on the CPU, contiguous): the callers then use the Python
  * autograd Functions, which handle every case.
  */
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -186,17 +188,38 @@ struct GatedReLU : public torch::autograd::Function<GatedReLU> {
     }
 };
 
-py::object training_gate(const Tensor& x, const Tensor& noise,
+/* A norm's batch counter, as _BatchNorm keeps it. */
+bool is_counter(const std::optional<Tensor>& t) {
+    return !t.has_value() ||
+           (t->scalar_type() == at::kLong && t->device().is_cpu() &&
+            t->numel() == 1);
+}
+
+/* counter += 1 without the dispatcher, returning the new count. */
+double count_batch(const Tensor& counter) {
+    // The buffer's version moves as an in-place add would move it.
+    counter.unsafeGetTensorImpl()->bump_version();
+    return static_cast<double>(++*counter.data_ptr<int64_t>());
+}
+
+py::object training_gate(const Tensor& x,
+                         const std::optional<Tensor>& noise_or_none,
                          const Tensor& fc1_weight,
                          const std::optional<Tensor>& norm_weight,
                          const std::optional<Tensor>& norm_bias,
                          const Tensor& fc2_weight, const Tensor& fc2_bias,
                          const std::optional<Tensor>& running_mean,
                          const std::optional<Tensor>& running_var,
-                         double momentum, double eps, double tau) {
-    // The batch variance needs two samples.
-    if (x.dim() != 4 || x.size(0) < 2)
+                         const std::optional<Tensor>& num_batches_tracked,
+                         std::optional<double> momentum, double eps,
+                         double tau) {
+    // The batch variance needs two samples; autocast and the MAC counters'
+    // traces take the module-by-module path.
+    if (x.dim() != 4 || x.size(0) < 2 ||
+        at::autocast::is_autocast_enabled(x.device().type()) ||
+        torch::jit::tracer::isTracing())
         return py::none();
+    Tensor noise = value_or_undefined(noise_or_none);
     for (const Tensor* t : std::initializer_list<const Tensor*>{
              &x, &noise, &fc1_weight, &fc2_weight, &fc2_bias})
         if (!readable(*t))
@@ -205,24 +228,40 @@ py::object training_gate(const Tensor& x, const Tensor& noise,
                           &running_var})
         if (!readable(value_or_undefined(*t)))
             return py::none();
+    if (!is_counter(num_batches_tracked))
+        return py::none();
     // The kernels trust the shapes: check them, as the PyTorch operations
     // of the other paths would.
     const int64_t n = x.size(0), c = x.size(1);
     const int64_t hidden = fc1_weight.size(0), out = fc2_weight.size(0);
     bool shapes = fc1_weight.dim() == 2 && fc1_weight.size(1) == c &&
                   fc2_weight.dim() == 2 && fc2_weight.size(1) == hidden &&
-                  fc2_bias.numel() == out && noise.dim() == 2 &&
-                  noise.size(0) == n && noise.size(1) == out;
+                  fc2_bias.numel() == out &&
+                  (!noise.defined() || (noise.dim() == 2 &&
+                                        noise.size(0) == n &&
+                                        noise.size(1) == out));
     for (const auto* t : {&norm_weight, &norm_bias, &running_mean,
                           &running_var})
         shapes = shapes && (!t->has_value() || (*t)->numel() == hidden);
     TORCH_CHECK_VALUE(
         shapes, "training_gate: inconsistent shapes: x ", x.sizes(),
-        ", noise ", noise.sizes(), ", fc1 weight ", fc1_weight.sizes(),
-        ", fc2 weight ", fc2_weight.sizes(), ", fc2 bias ", fc2_bias.sizes());
+        ", noise ", noise.defined() ? noise.sizes() : at::IntArrayRef(),
+        ", fc1 weight ", fc1_weight.sizes(), ", fc2 weight ",
+        fc2_weight.sizes(), ", fc2 bias ", fc2_bias.sizes());
+    if (!noise.defined())
+        // As mmgated.models.fused_gate.logistic_noise draws it, from the
+        // same generator: a seed gives the same gates on either path.
+        noise = at::rand({n, out}, x.options()).logit_(1e-6);
+    // The norm's batch counter and momentum, as _BatchNorm.forward.
+    double factor = momentum.value_or(0.0);
+    if (num_batches_tracked.has_value()) {
+        const double count = count_batch(*num_batches_tracked);
+        if (!momentum.has_value())  // a cumulative moving average
+            factor = 1.0 / count;
+    }
     auto outputs = TrainingGate::apply(
         x, noise, fc1_weight, norm_weight, norm_bias, fc2_weight, fc2_bias,
-        running_mean, running_var, momentum, eps, tau);
+        running_mean, running_var, factor, eps, tau);
     return py::make_tuple(outputs[0], outputs[1], outputs[2], outputs[3]);
 }
 
@@ -258,8 +297,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("bind_kernels", &mmgated::bind_kernels,
           "Bind gate_training.c's entries (their addresses).");
     m.def("training_gate", &mmgated::training_gate,
-          "The gating module's training forward as one autograd node, or "
-          "None where the kernels cannot read the tensors.");
+          "The gating module's training forward as one autograd node, with "
+          "the noise drawn where it is None and the norm's batch counter "
+          "advanced, or None (and nothing done) where the kernels cannot "
+          "read the tensors.");
     m.def("gated_relu", &mmgated::gated_relu,
           "relu(x) * gates as one autograd node, or None where the kernels "
           "cannot read the tensors.");
