@@ -17,7 +17,7 @@ import torch.nn as nn
 from scipy import special, stats
 
 from mmgated.models import blocks as blocks_module
-from mmgated.models.fused_gate import can_fuse
+from mmgated.models.fused_gate import fused_training_gate
 from mmgated.models.gated_relu import gated_relu
 from mmgated.models.gates import ChannelGate
 from mmgated.models.losses import BatchShapingLoss
@@ -565,14 +565,22 @@ def test_failed_cpp_build_warns_and_falls_back(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize('norm_cfg', [dict(type='BN'), dict(type='SyncBN')])
-def test_can_fuse(norm_cfg):
-    gate = ChannelGate(4, 8, norm_cfg=norm_cfg)
+def test_which_gates_fuse(norm_cfg, node_mode):
+    """The fused node takes a plain BN and more than one sample; where it
+    does not apply it draws no noise and counts no batch."""
+    gate = ChannelGate(4, 8, norm_cfg=norm_cfg).train()
     x = torch.randn(2, 4, 3, 3)
-    assert can_fuse(gate, x) == (norm_cfg['type'] == 'BN')
+    fused = fused_training_gate(gate, x)
+    assert (fused is not None) == (norm_cfg['type'] == 'BN')
+    rng = torch.get_rng_state()
+    count = gate.norm.num_batches_tracked.item()
     # One sample is normalised with the running statistics instead.
-    assert not can_fuse(gate, x[:1])
-    assert not can_fuse(ChannelGate(4, 8, norm_cfg=dict(type='GN',
-                                                        num_groups=4)), x)
+    assert fused_training_gate(gate, x[:1]) is None
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert gate.norm.num_batches_tracked.item() == count
+    assert fused_training_gate(
+        ChannelGate(4, 8, norm_cfg=dict(type='GN', num_groups=4)).train(),
+        x) is None
 
 
 def test_backbone_training_step_is_the_same_fused_or_not(monkeypatch):

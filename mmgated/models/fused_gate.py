@@ -176,17 +176,11 @@ def _input_fuses(x: torch.Tensor) -> bool:
             and not torch.jit.is_tracing())
 
 
-def can_fuse(gate, x: torch.Tensor) -> bool:
-    """Whether :func:`fused_training_gate` computes ``gate``'s training
-    forward on ``x``: a plain (not synchronised) batch norm, more than one
-    sample, no autocast and no tracing."""
-    return _modules_fuse(gate) and _input_fuses(x)
-
-
 def fused_training_gate(gate, x: torch.Tensor):
     """The training forward of ``gate`` on ``x`` as one autograd node,
-    where :func:`can_fuse` holds; the running statistics of its norm are
-    updated.
+    where it applies: a plain (not synchronised) batch norm, ``fc1``
+    without bias, more than one sample, no autocast and no tracing. The
+    running statistics of its norm are updated.
 
     Args:
         gate (ChannelGate): A gate in training mode.
@@ -197,7 +191,7 @@ def fused_training_gate(gate, x: torch.Tensor):
         probabilities, relaxed sample and hard gates (with the
         straight-through gradient), as
         :class:`~mmgated.models.gates.GateOutput` holds them; None where
-        :func:`can_fuse` does not hold (nothing is drawn or updated then).
+        the node does not apply (nothing is drawn or updated then).
     """
     if not _modules_fuse(gate):
         return None
