@@ -24,7 +24,15 @@ overhead splits into the forward's and the rest's (backward, SGD step).
 gated model as earlier rounds of the library trained it (a deep copy of it
 within :class:`unfused` or :class:`python_nodes`), with the paired ratio of
 the gated step to each.
-``--losses-only`` times the gate losses alone instead, ``--gates-only`` the
+``--optimizer recipe`` steps each model with the optimizer that the ImageNet
+recipe (``configs/resnet{depth}_bas_in1k.py``) builds for it instead of one
+plain SGD over all parameters: for the gated model, two parameter groups
+(:class:`~mmgated.engine.MergedGroupsOptimWrapperConstructor`), for the dense
+one the baseline's single group; ``--per-param-groups`` also times the gated
+model with mmengine's default constructor, one group per parameter.
+``--optimizer-only`` times the recipe's optimizer steps alone instead (the
+dense model's, the gated model's merged groups and its per-parameter groups),
+``--losses-only`` the gate losses alone, ``--gates-only`` the
 gating modules alone (each to compare two checkouts of the library).
 
 Example::
@@ -33,10 +41,12 @@ Example::
         --batch-size 8 --repeats 20
 """
 import argparse
+import contextlib
 import copy
 import json
 import logging
 import os
+import os.path as osp
 import statistics
 import sys
 import time
@@ -49,6 +59,8 @@ from mmengine.logging import MMLogger
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from paired_stats import (format_row_interval,  # noqa: E402
                           median_interval, paired_ratios, verdict)
+
+CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs')
 
 # The issue's targets.
 OVERHEAD_TARGET = 1.05
@@ -83,6 +95,24 @@ def parse_args(argv=None):
         'gated ReLU as Python autograd Functions around the compiled '
         'kernels (the previous round\'s nodes), not the C++ nodes')
     parser.add_argument(
+        '--optimizer', choices=['sgd', 'recipe'], default='sgd',
+        help='sgd: one torch SGD over all parameters of each model (lr '
+        '1e-3); recipe: the optimizer wrapper of the ImageNet recipe '
+        '(configs/resnet{depth}_bas_in1k.py) for the gated model, and the '
+        'same without its paramwise_cfg and constructor (the dense '
+        'baseline\'s) for the dense one')
+    parser.add_argument(
+        '--per-param-groups', action='store_true',
+        help='with --optimizer recipe, also time the gated model with '
+        'mmengine\'s default constructor: one parameter group per '
+        'parameter instead of the merged groups')
+    parser.add_argument(
+        '--optimizer-only', action='store_true',
+        help='time only the optimizer steps of the recipe (as with '
+        '--optimizer recipe) on fixed gradients, alternating: the dense '
+        'model\'s, the gated model\'s two groups and its one group per '
+        'parameter (mmengine\'s default constructor)')
+    parser.add_argument(
         '--losses-only', action='store_true',
         help='time only the gate losses, alone: gate_losses() after one '
         'forward, and the batch-shaping loss forward and backward on the '
@@ -95,8 +125,12 @@ def parse_args(argv=None):
         'one forward of the model, summed over the gates; run it in two '
         'checkouts to compare two libraries')
     args = parser.parse_args(argv)
-    if args.losses_only and args.gates_only:
-        raise SystemExit('--losses-only and --gates-only: choose one')
+    if args.losses_only + args.gates_only + args.optimizer_only > 1:
+        raise SystemExit('--losses-only, --gates-only and --optimizer-only: '
+                         'choose one')
+    if args.per_param_groups and args.optimizer != 'recipe':
+        raise SystemExit('--per-param-groups compares two builds of the '
+                         'recipe\'s optimizer: add --optimizer recipe')
     if args.batch_size < 2:
         raise SystemExit(f'--batch-size {args.batch_size}: batch-shaping '
                          'needs at least 2 samples')
@@ -198,7 +232,39 @@ class python_nodes:
 
 # The gated model's other versions that a run can time beside it: the
 # option that asks for each and the context it trains within.
-VARIANTS = OrderedDict(unfused=unfused, python_nodes=python_nodes)
+VARIANTS = OrderedDict(
+    unfused=unfused,
+    python_nodes=python_nodes,
+    per_param_groups=contextlib.nullcontext)
+
+
+def recipe_optim_wrappers(depth):
+    """The ``optim_wrapper`` configs of the ImageNet recipe of ``depth``.
+
+    Returns:
+        dict: ``'gated'``: the recipe's; ``'per_param_groups'``: the same
+        built by mmengine's default constructor; ``'dense'``: without the
+        gating modules' ``paramwise_cfg`` (the dense baseline's).
+    """
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(CONFIGS, f'resnet{depth}_bas_in1k.py'))
+    gated = cfg.optim_wrapper.to_dict()
+    per_param = {k: v for k, v in gated.items() if k != 'constructor'}
+    dense = {k: v for k, v in per_param.items() if k != 'paramwise_cfg'}
+    return dict(gated=gated, per_param_groups=per_param, dense=dense)
+
+
+def build_optimizer(model, name, kind, depth):
+    """The torch optimizer that steps model ``name`` (``'dense'``,
+    ``'gated'`` or a variant) as ``--optimizer kind`` asks."""
+    if kind == 'sgd':
+        return torch.optim.SGD(
+            model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    from mmengine.optim import build_optim_wrapper
+    cfgs = recipe_optim_wrappers(depth)
+    cfg = cfgs.get(name, cfgs['gated'])
+    # The wrapper's step is the optimizer's; make_step drives it directly.
+    return build_optim_wrapper(model, copy.deepcopy(cfg)).optimizer
 
 
 def _sync(device):
@@ -292,8 +358,7 @@ def benchmark(depth, args, device):
     timer = GateLossTimer(gated, device)
     steps, records = OrderedDict(), {}
     for name, model in models:
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        optimizer = build_optimizer(model, name, args.optimizer, depth)
         records[name] = {}
         steps[name] = make_step(model, optimizer, inputs, samples, device,
                                 records[name])
@@ -353,6 +418,7 @@ def benchmark(depth, args, device):
         size=args.size,
         batch=args.batch_size,
         device=str(device),
+        optimizer=args.optimizer,
         dense_ms=dense_ms,
         gated_ms=gated_ms,
         overhead=gated_ms / dense_ms,
@@ -485,6 +551,76 @@ def gates_benchmark(depth, args, device):
         gates_backward_ms=backward_ms)
 
 
+def optimizer_benchmark(depth, args, device):
+    """Milliseconds of the recipe's optimizer steps alone, on fixed random
+    gradients, alternating every round: the dense model's (one group), the
+    gated model's (merged groups) and the gated model's with one group per
+    parameter (mmengine's default constructor)."""
+    dense, gated = build_models(depth, device, args.seed)
+    models = OrderedDict(
+        dense=dense, gated=gated, per_param_groups=copy.deepcopy(gated))
+    gen = torch.Generator().manual_seed(args.seed)
+    optimizers = OrderedDict()
+    for name, model in models.items():
+        optimizers[name] = build_optimizer(model, name, 'recipe', depth)
+        for param in model.parameters():
+            # Small, so that the weights stay where they started.
+            param.grad = 1e-4 * torch.randn(
+                param.shape, generator=gen).to(device)
+    times = {name: [] for name in optimizers}
+    for i in range(args.warmup + args.repeats):
+        order = list(optimizers) if i % 2 == 0 else list(optimizers)[::-1]
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            optimizers[name].step()
+            _sync(device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    ratio, low, high = median_interval(
+        paired_ratios(times['gated'], times['per_param_groups']))
+    extra = {
+        name: statistics.median(
+            t - d for t, d in zip(times[name], times['dense'])) * 1e3
+        for name in ('gated', 'per_param_groups')
+    }
+    row = OrderedDict(
+        model=f'resnet{depth}',
+        device=str(device),
+        params={name: len(list(m.parameters()))
+                for name, m in models.items()},
+        groups={name: len(o.param_groups) for name, o in optimizers.items()})
+    row.update({f'{name}_ms': statistics.median(t) * 1e3
+                for name, t in times.items()})
+    row.update(
+        gated_extra_ms=extra['gated'],
+        per_param_groups_extra_ms=extra['per_param_groups'],
+        gated_vs_per_param_groups=ratio,
+        gated_vs_per_param_groups_low=low,
+        gated_vs_per_param_groups_high=high)
+    return row
+
+
+def optimizer_markdown(rows):
+    lines = [
+        '| model | device | parameters dense / gated | groups dense / gated '
+        '/ per-parameter | dense step ms | gated step ms | per-parameter '
+        'groups ms | gated - dense ms | per-parameter - dense ms | paired '
+        'gated/per-parameter [95 % CI] |',
+        '|---|---|---|---|---:|---:|---:|---:|---:|---:|'
+    ]
+    for r in rows:
+        p, g = r['params'], r['groups']
+        lines.append(
+            f'| {r["model"]} | {r["device"]} | {p["dense"]} / {p["gated"]} '
+            f'| {g["dense"]} / {g["gated"]} / {g["per_param_groups"]} | '
+            f'{r["dense_ms"]:.2f} | {r["gated_ms"]:.2f} | '
+            f'{r["per_param_groups_ms"]:.2f} | {r["gated_extra_ms"]:.2f} | '
+            f'{r["per_param_groups_extra_ms"]:.2f} | '
+            f'{format_row_interval(r, "gated_vs_per_param_groups")} |')
+    return '\n'.join(lines)
+
+
 def _alone_markdown(rows, count, columns):
     """A table of what was timed alone: model, batch, ``count`` (the header
     of ``row['gates']``), device, then ``columns``, ``(header, key)`` pairs
@@ -559,7 +695,8 @@ def main(argv=None):
     for depth in args.depths:
         start = time.time()
         run = losses_benchmark if args.losses_only else \
-            gates_benchmark if args.gates_only else benchmark
+            gates_benchmark if args.gates_only else \
+            optimizer_benchmark if args.optimizer_only else benchmark
         rows.append(run(depth, args, device))
         print(f'# resnet{depth}: {time.time() - start:.0f} s',
               file=sys.stderr)
@@ -567,11 +704,17 @@ def main(argv=None):
     header = (f'torch {torch.__version__}, {torch.get_num_threads()} '
               f'threads, load average {load_before[0]:.2f} -> '
               f'{load_after[0]:.2f}; ')
-    if args.losses_only or args.gates_only:
+    if args.optimizer_only:
+        print(header + f'the recipe\'s optimizer; median of {args.repeats} '
+              'steps each; paired: median of the per-round ratios, with its '
+              'distribution-free 95 % interval')
+        print(optimizer_markdown(rows))
+    elif args.losses_only or args.gates_only:
         print(header + f'median of {args.repeats} calls, each')
         print((losses_markdown if args.losses_only else gates_markdown)(rows))
     else:
-        print(header + f'median of {args.repeats} steps (targets: '
+        print(header + f'optimizer {args.optimizer}; '
+              f'median of {args.repeats} steps (targets: '
               'gated/dense <= 1.05, gate losses <= 1 % of a step); '
               'paired: median of the per-round ratios, with its '
               'distribution-free 95 % interval')

@@ -25,6 +25,9 @@ test_evaluator = val_evaluator
 # Paper: "No weight decay was applied on the parameters of the gating
 # modules."
 optim_wrapper = dict(
+    # Two parameter groups (the gates' and the rest) instead of one per
+    # parameter, so that the optimizer's step does not cost per parameter.
+    constructor='MergedGroupsOptimWrapperConstructor',
     paramwise_cfg=dict(custom_keys={'.gate': dict(decay_mult=0.0)}))
 custom_hooks = [
     # Paper: lambda annealed linearly from 0.75 to 0 by epoch 100.

@@ -420,3 +420,59 @@ def test_gated_inference_checkpoint_without_gates(tmp_path):
             '--models', 'resnet34', '--size', '32', '--checkpoint',
             str(path)
         ])
+
+
+def test_train_overhead_recipe_optimizer():
+    """``--optimizer recipe`` steps each model with the recipe's optimizer:
+    merged groups for the gated model, one group per parameter for
+    ``--per-param-groups``, the baseline's single group for the dense."""
+    args = train_overhead.parse_args([
+        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
+        '1', '--warmup', '0', '--threads', '1', '--optimizer', 'recipe',
+        '--per-param-groups'
+    ])
+    dense, gated = train_overhead.build_models(18, torch.device('cpu'), 0)
+    groups = {
+        name: train_overhead.build_optimizer(model, name, args.optimizer,
+                                             18).param_groups
+        for name, model in (('dense', dense), ('gated', gated),
+                            ('per_param_groups', gated))
+    }
+    assert len(groups['dense']) == 1
+    assert len(groups['gated']) == 2
+    assert len(groups['per_param_groups']) == len(list(gated.parameters()))
+    assert groups['gated'][0]['lr'] == groups['dense'][0]['lr'] == 0.1
+    gate_decay = {
+        id(p): group['weight_decay']
+        for group in groups['gated'] for p in group['params']
+    }
+    for name, param in gated.named_parameters():
+        assert gate_decay[id(param)] == (0.0 if '.gate' in name else 1e-4)
+
+    torch.set_num_threads(1)
+    row = train_overhead.benchmark(18, args, torch.device('cpu'))
+    assert row['optimizer'] == 'recipe'
+    assert row['gated_vs_per_param_groups'] == pytest.approx(
+        row['gated_ms'] / row['per_param_groups_ms'])
+    with pytest.raises(SystemExit, match='--optimizer recipe'):
+        train_overhead.parse_args(['--per-param-groups'])
+
+
+def test_train_overhead_optimizer_only():
+    args = train_overhead.parse_args([
+        '--depths', '18', '--repeats', '3', '--warmup', '0', '--threads', '1',
+        '--optimizer-only'
+    ])
+    torch.set_num_threads(1)
+    row = train_overhead.optimizer_benchmark(18, args, torch.device('cpu'))
+    params = row['params']
+    assert params['gated'] == params['per_param_groups'] > params['dense']
+    assert row['groups'] == dict(
+        dense=1, gated=2, per_param_groups=params['gated'])
+    assert min(row['dense_ms'], row['gated_ms'],
+               row['per_param_groups_ms']) > 0
+    lines = train_overhead.optimizer_markdown([row]).splitlines()
+    assert len(lines) == 3
+    assert {line.count('|') for line in lines} == {11}
+    with pytest.raises(SystemExit, match='choose one'):
+        train_overhead.parse_args(['--optimizer-only', '--losses-only'])

@@ -122,6 +122,9 @@ def test_config_builds_model_and_optimizer(name):
         else:
             assert decay[id(param)] == pytest.approx(base), param_name
     assert bool(gate_params) == gated
+    # The gated recipes step in two groups, the gating modules' and the
+    # rest (MergedGroupsOptimWrapperConstructor), not one per parameter.
+    assert len(wrapper.optimizer.param_groups) == (2 if gated else 1)
 
 
 def point_to_tiny(dataset, roots):
