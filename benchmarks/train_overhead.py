@@ -43,6 +43,7 @@ Example::
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -238,13 +239,15 @@ VARIANTS = OrderedDict(
     per_param_groups=contextlib.nullcontext)
 
 
+@functools.lru_cache(maxsize=None)
 def recipe_optim_wrappers(depth):
     """The ``optim_wrapper`` configs of the ImageNet recipe of ``depth``.
 
     Returns:
         dict: ``'gated'``: the recipe's; ``'per_param_groups'``: the same
         built by mmengine's default constructor; ``'dense'``: without the
-        gating modules' ``paramwise_cfg`` (the dense baseline's).
+        gating modules' ``paramwise_cfg`` (the dense baseline's). Read
+        once per depth: callers copy what they build from.
     """
     from mmengine.config import Config
     cfg = Config.fromfile(osp.join(CONFIGS, f'resnet{depth}_bas_in1k.py'))
