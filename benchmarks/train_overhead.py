@@ -30,6 +30,11 @@ plain SGD over all parameters: for the gated model, two parameter groups
 (:class:`~mmgated.engine.MergedGroupsOptimWrapperConstructor`), for the dense
 one the baseline's single group; ``--per-param-groups`` also times the gated
 model with mmengine's default constructor, one group per parameter.
+Each model's minor page faults per step are counted too: glibc hands
+large freed blocks back to the system and faults them in again (about 3 us
+a page here), a cost that differs between the models and between runs by
+chance of where their blocks fall; ``--keep-heap`` keeps freed memory in the
+process (:func:`keep_heap`), for both models.
 ``--optimizer-only`` times the recipe's optimizer steps alone instead (the
 dense model's, the gated model's merged groups and its per-parameter groups),
 ``--losses-only`` the gate losses alone, ``--gates-only`` the
@@ -48,6 +53,7 @@ import json
 import logging
 import os
 import os.path as osp
+import resource
 import statistics
 import sys
 import time
@@ -107,6 +113,12 @@ def parse_args(argv=None):
         help='with --optimizer recipe, also time the gated model with '
         'mmengine\'s default constructor: one parameter group per '
         'parameter instead of the merged groups')
+    parser.add_argument(
+        '--keep-heap', action='store_true',
+        help='make glibc keep freed memory in the process (mallopt: '
+        'mmap threshold 64 MiB, trim threshold 1 GiB, as '
+        'MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=1073741824 '
+        'would), so that the steps reuse it instead of faulting pages in')
     parser.add_argument(
         '--optimizer-only', action='store_true',
         help='time only the optimizer steps of the recipe (as with '
@@ -270,6 +282,37 @@ def build_optimizer(model, name, kind, depth):
     return build_optim_wrapper(model, copy.deepcopy(cfg)).optimizer
 
 
+def keep_heap():
+    """Make glibc's malloc keep freed memory in the process.
+
+    By default glibc serves large blocks with ``mmap`` and returns a large
+    free top of its heap to the system; the next step then faults those
+    pages in again. These settings (fixed, which also stops glibc from
+    adapting them) keep blocks up to 64 MiB on the heap and the heap
+    untrimmed up to 1 GiB of free memory.
+
+    Raises:
+        SystemExit: The C library has no ``mallopt`` (not glibc) or refused
+            a setting.
+    """
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        raise SystemExit('--keep-heap needs glibc\'s mallopt, which this C '
+                         'library does not have')
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    for option, value in ((m_mmap_threshold, 64 << 20),
+                          (m_trim_threshold, 1 << 30)):
+        if mallopt(option, value) != 1:
+            raise SystemExit(f'--keep-heap: mallopt({option}, {value}) failed')
+
+
+def minor_faults():
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -373,6 +416,7 @@ def benchmark(depth, args, device):
 
         steps[name] = step_within
     times = {name: [] for name in steps}
+    faults = {name: [] for name in steps}
     forward_times = {name: [] for name in steps}
     gate_loss, gate_loss_share, gate_backward = [], [], []
     for i in range(args.warmup + args.repeats):
@@ -380,11 +424,14 @@ def benchmark(depth, args, device):
         # other's memory traffic.
         order = list(steps) if i % 2 == 0 else list(steps)[::-1]
         for name in order:
+            faulted = minor_faults()
             start = time.perf_counter()
             steps[name]()
             elapsed = time.perf_counter() - start
+            faulted = minor_faults() - faulted
             if i >= args.warmup:
                 times[name].append(elapsed)
+                faults[name].append(faulted)
                 forward_times[name].append(records[name]['forward'])
                 if name == 'gated':
                     gate_loss.append(timer.last)
@@ -443,6 +490,8 @@ def benchmark(depth, args, device):
         gated_forward_ms=forward['gated'],
         forward_overhead=forward['gated'] / forward['dense'],
         backward_overhead=rest['gated'] / rest['dense'],
+        dense_faults=statistics.mean(faults['dense']),
+        gated_faults=statistics.mean(faults['gated']),
         dense_all_ms=[t * 1e3 for t in times['dense']],
         gated_all_ms=[t * 1e3 for t in times['gated']])
     for name in variants:
@@ -664,9 +713,10 @@ def markdown(rows):
         '| gated/dense | paired gated/dense [95 % CI] | <= 1.05? '
         '| gate losses ms | share of step | + their backward '
         'ms | fwd+bwd share | paired fwd+bwd share [95 % CI] | <= 1 %? '
-        '| forward gated/dense | backward + step gated/dense |' + extra,
+        '| forward gated/dense | backward + step gated/dense '
+        '| page faults per step dense / gated |' + extra,
         '|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:'
-        '|---|---:|---:|' + '---:|' * 4 * len(variants)
+        '|---|---:|---:|---:|' + '---:|' * 4 * len(variants)
     ]
     for r in rows:
         line = (
@@ -680,7 +730,8 @@ def markdown(rows):
             f'{r["gate_loss_fwd_bwd_share"] * 100:.2f} % | '
             f'{format_row_interval(r, "paired_loss_share", 2, 100)} % | '
             f'{r["loss_share_target"]} | '
-            f'{r["forward_overhead"]:.3f} | {r["backward_overhead"]:.3f} |')
+            f'{r["forward_overhead"]:.3f} | {r["backward_overhead"]:.3f} | '
+            f'{r["dense_faults"]:.0f} / {r["gated_faults"]:.0f} |')
         for name in variants:
             line += (f' {r[f"{name}_ms"]:.1f} | {r[f"{name}_overhead"]:.3f} '
                      f'| {r[f"{name}_forward_overhead"]:.3f} | '
@@ -691,6 +742,8 @@ def markdown(rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.keep_heap:
+        keep_heap()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     device = torch.device(args.device)
     load_before = os.getloadavg()
@@ -717,6 +770,7 @@ def main(argv=None):
         print((losses_markdown if args.losses_only else gates_markdown)(rows))
     else:
         print(header + f'optimizer {args.optimizer}; '
+              + ('heap kept (--keep-heap); ' if args.keep_heap else '') +
               f'median of {args.repeats} steps (targets: '
               'gated/dense <= 1.05, gate losses <= 1 % of a step); '
               'paired: median of the per-round ratios, with its '
