@@ -759,7 +759,8 @@ def main(argv=None):
     load_after = os.getloadavg()
     header = (f'torch {torch.__version__}, {torch.get_num_threads()} '
               f'threads, load average {load_before[0]:.2f} -> '
-              f'{load_after[0]:.2f}; ')
+              f'{load_after[0]:.2f}; ' +
+              ('heap kept (--keep-heap); ' if args.keep_heap else ''))
     if args.optimizer_only:
         print(header + f'the recipe\'s optimizer; median of {args.repeats} '
               'steps each; paired: median of the per-round ratios, with its '
@@ -770,7 +771,6 @@ def main(argv=None):
         print((losses_markdown if args.losses_only else gates_markdown)(rows))
     else:
         print(header + f'optimizer {args.optimizer}; '
-              + ('heap kept (--keep-heap); ' if args.keep_heap else '') +
               f'median of {args.repeats} steps (targets: '
               'gated/dense <= 1.05, gate losses <= 1 % of a step); '
               'paired: median of the per-round ratios, with its '
