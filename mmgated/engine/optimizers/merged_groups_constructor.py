@@ -7,9 +7,9 @@ optimizer then runs its update once per group: on the CPU the Python of its
 update once more per parameter (about 4 ms more per SGD step of a gated
 ResNet-34, 2 threads; ``docs/benchmarks.md``), on the GPU without its
 multi-tensor kernels, since ``foreach`` batches only the tensors of one
-group. This constructor builds the same groups
-and merges those whose settings are equal, so the gated recipes step in two
-groups: the gating modules' and the others'.
+group. This constructor builds the same groups and merges those whose
+settings are equal, so the gated recipes step in two groups: the gating
+modules' and the others'.
 """
 from typing import List, Optional, Union
 
@@ -32,14 +32,13 @@ def merge_param_groups(groups: List[dict]) -> List[dict]:
         appearance, each with the parameters of its groups in their order.
     """
     merged: List[dict] = []
+    seen: List[dict] = []  # the settings of merged[i]
     for group in groups:
         settings = {k: v for k, v in group.items() if k != 'params'}
-        for target in merged:
-            if target.keys() - {'params'} == settings.keys() and all(
-                    target[k] == v for k, v in settings.items()):
-                target['params'].extend(group['params'])
-                break
+        if settings in seen:
+            merged[seen.index(settings)]['params'].extend(group['params'])
         else:
+            seen.append(settings)
             merged.append(dict(settings, params=list(group['params'])))
     return merged
 
