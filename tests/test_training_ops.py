@@ -18,7 +18,7 @@ from scipy import special, stats
 
 from mmgated.models import blocks as blocks_module
 from mmgated.models.fused_gate import fused_training_gate
-from mmgated.models.gated_relu import gated_relu
+from mmgated.models.gated_relu import batch_norm_gated_relu, gated_relu
 from mmgated.models.gates import ChannelGate
 from mmgated.models.losses import BatchShapingLoss
 from mmgated.models.losses.priors import Prior, build_prior
@@ -44,8 +44,11 @@ def ops_mode(request, monkeypatch):
 # ('cpp'), as Python Functions around the compiled kernels ('compiled') or
 # around PyTorch operations ('pytorch').
 CPP_NODES = dict(gate='torch::autograd::CppNode<mmgated::TrainingGate>',
-                 relu='torch::autograd::CppNode<mmgated::GatedReLU>')
-PYTHON_NODES = dict(gate='_TrainingGateBackward', relu='_GatedReLUBackward')
+                 relu='torch::autograd::CppNode<mmgated::GatedReLU>',
+                 norm_relu='torch::autograd::CppNode<mmgated::'
+                 'BatchNormGatedReLU>')
+PYTHON_NODES = dict(gate='_TrainingGateBackward', relu='_GatedReLUBackward',
+                    norm_relu='_BatchNormGatedReLUBackward')
 
 
 @pytest.fixture(params=['cpp', 'compiled', 'pytorch'])
@@ -77,7 +80,7 @@ def _require_cpp_nodes():
 
 def expected_node(mode, kind, dtype=torch.float32):
     """The name of the autograd node that ``mode`` records for ``kind``
-    ('gate' or 'relu') on tensors of ``dtype``."""
+    ('gate', 'relu' or 'norm_relu') on tensors of ``dtype``."""
     cpp = mode == 'cpp' and dtype == torch.float32
     return (CPP_NODES if cpp else PYTHON_NODES)[kind]
 
@@ -179,18 +182,210 @@ def test_gated_relu_non_contiguous_map(node_mode):
 
 
 def test_blocks_use_the_gated_relu_only_for_relu(monkeypatch):
-    """Other activations, and traces, keep activation then product."""
+    """Other activations, and traces, keep norm, activation then product."""
     from mmgated.models.backbones.mmpretrain_resnet import GatedBasicBlock
     block = GatedBasicBlock(8, 8, gate_cfg={})
     calls = []
-    monkeypatch.setattr(blocks_module, 'gated_relu',
-                        lambda x, g: calls.append(1) or gated_relu(x, g))
+    monkeypatch.setattr(
+        blocks_module, 'batch_norm_gated_relu', lambda x, norm, g: calls.
+        append(1) or batch_norm_gated_relu(x, norm, g))
     block.train()
     block(torch.randn(2, 8, 6, 6))
     assert calls == [1]
     block.relu = nn.ReLU6()
     block(torch.randn(2, 8, 6, 6))
     assert calls == [1]
+
+
+# --------------------------------------------------- batch-norm gated ReLU
+
+
+NORM_VARIANTS = {
+    'default': {},
+    'cumulative average': dict(momentum=None),
+    'no running stats': dict(track_running_stats=False),
+}
+
+
+def _norm(channels, variant):
+    torch.manual_seed(3)
+    norm = nn.BatchNorm2d(channels, **NORM_VARIANTS[variant])
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(std=0.5)  # outputs on both sides of the ReLU
+        if norm.running_mean is not None:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+    return norm.train()
+
+
+def _norm_relu_step(function, norm, pre, gates, grad, steps=2):
+    """Output after ``steps`` forwards, and the gradients of the map, the
+    norm's weight and bias and the gates after one backward."""
+    for _ in range(steps):
+        x = pre.clone().requires_grad_()
+        g = gates.clone().requires_grad_()
+        out = function(x, norm, g)
+    (out * grad).sum().backward()
+    return (out.detach(), x.grad, norm.weight.grad, norm.bias.grad, g.grad,
+            out.grad_fn.name())
+
+
+def _norm_then_gated_relu(x, norm, g):
+    return torch.relu(norm(x)) * g.to(x.dtype)[:, :, None, None]
+
+
+# (3, 37, 9, 9): rows of 81 values, five whole lanes of 16 and one more;
+# (5, 3, 30, 30): 4500 values a channel, more than one drain of the lanes;
+# (2, 5, 1, 1): two values a channel.
+@pytest.mark.parametrize('shape', [(4, 6, 5, 7), (3, 37, 9, 9),
+                                   (5, 3, 30, 30), (2, 5, 1, 1)])
+@pytest.mark.parametrize('variant', list(NORM_VARIANTS))
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_batch_norm_gated_relu_equals_the_modules(node_mode, variant, shape,
+                                                  dtype):
+    """Output, the gradients of the map, the norm's weight and bias and the
+    gates, the running statistics and the batch counter equal those of
+    PyTorch's batch norm, ReLU and product."""
+    torch.manual_seed(0)
+    pre = (torch.randn(shape) * 2 + 0.5).to(dtype)
+    gates = (torch.rand(shape[:2]) > 0.4).float()
+    gates[0] = 0.0  # a sample with every channel closed
+    grad = torch.randn(shape, dtype=dtype)
+    norm = _norm(shape[1], variant).to(dtype)
+    reference = copy.deepcopy(norm)
+    got = _norm_relu_step(batch_norm_gated_relu, norm, pre, gates, grad)
+    expected = _norm_relu_step(_norm_then_gated_relu, reference, pre, gates,
+                               grad)
+    # float64, and no compiled kernels: the norm, then the gated ReLU.
+    fused = node_mode != 'pytorch' and dtype == torch.float32
+    assert got[5] == (expected_node(node_mode, 'norm_relu') if fused else
+                      expected_node(node_mode, 'relu', dtype))
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    # The map's gradient is a difference of terms of the size of the
+    # incoming gradient times weight * invstd: its tolerance is theirs.
+    scale = (grad.abs().max() * norm.weight.abs().max() /
+             pre.std((0, 2, 3)).min()).item()
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-4,
+                               atol=1e-6 * scale)
+    for name, g, e in zip(('weight', 'bias', 'gates'), got[2:5],
+                          expected[2:5]):
+        assert g.dtype == e.dtype, name
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=name)
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(getattr(norm, name), buffer, rtol=1e-6,
+                                   atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize('offset', [2.0, 100.0])
+def test_batch_norm_gated_relu_is_as_accurate_as_pytorch(node_mode, offset):
+    """Against the same computation in float64, the float32 node errs no
+    more than PyTorch's float32 modules (within 3x and 1e-6), also for a
+    map whose mean is far from 0 (the variance's cancellation)."""
+    torch.manual_seed(2)
+    pre = torch.randn(8, 32, 14, 14) * 3 + offset
+    gates = (torch.rand(8, 32) > 0.3).float()
+    grad = torch.randn(8, 32, 14, 14)
+    results = [
+        _norm_relu_step(function, _norm(32, 'default').to(dtype),
+                        pre.to(dtype), gates.to(dtype), grad.to(dtype), 1)
+        for function, dtype in ((batch_norm_gated_relu, torch.float32),
+                                (_norm_then_gated_relu, torch.float32),
+                                (_norm_then_gated_relu, torch.float64))
+    ]
+    for i, name in enumerate(('output', 'map grad', 'weight grad',
+                              'bias grad', 'gates grad')):
+        exact = results[2][i]
+        errors = [(r[i].double() - exact).abs().max() / exact.abs().max()
+                  for r in results[:2]]
+        assert errors[0] <= 3 * errors[1] + 1e-6, (name, errors)
+
+
+def test_batch_norm_gated_relu_gates_of_another_dtype(node_mode):
+    """float64 gates on a float32 map: the gates' gradient comes back in
+    float64, as the product's would."""
+    norm = _norm(4, 'default')
+    pre = torch.randn(3, 4, 5, 5)
+    gates = torch.tensor([[1., 0., 1., 1.], [0., 1., 1., 0.],
+                          [1., 1., 0., 1.]], dtype=torch.float64)
+    grad = torch.randn(3, 4, 5, 5)
+    got = _norm_relu_step(batch_norm_gated_relu, norm, pre, gates, grad, 1)
+    expected = _norm_relu_step(_norm_then_gated_relu, _norm(4, 'default'),
+                               pre, gates, grad, 1)
+    assert got[4].dtype == torch.float64
+    torch.testing.assert_close(got[4], expected[4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], expected[0].float())
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+def test_batch_norm_gated_relu_threads_give_the_same_bits(node_mode,
+                                                          threads):
+    """Channels are split between threads, each channel's sums in one:
+    the results do not depend on the thread count."""
+    torch.manual_seed(1)
+    pre = torch.randn(4, 64, 16, 16)
+    gates = (torch.rand(4, 64) > 0.5).float()
+    grad = torch.randn(4, 64, 16, 16)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for count in (1, threads):
+            torch.set_num_threads(count)
+            results.append(_norm_relu_step(batch_norm_gated_relu,
+                                           _norm(64, 'default'), pre, gates,
+                                           grad, 1))
+    finally:
+        torch.set_num_threads(previous)
+    for got, expected in zip(*results):
+        assert got == expected if isinstance(got, str) \
+            else torch.equal(got, expected)
+
+
+def _instance_norm(channels):
+    return nn.GroupNorm(channels, channels)
+
+
+@pytest.mark.parametrize('case', ['eval', 'group norm', 'no grad',
+                                  'channels last', 'frozen affine'])
+def test_batch_norm_gated_relu_elsewhere_is_the_modules(node_mode, case):
+    """Where the node does not apply, the norm module runs, then the gated
+    ReLU: the same values, and the batch counter advanced once (by the
+    norm's own forward)."""
+    norm = _norm(4, 'default') if case != 'group norm' else _instance_norm(4)
+    if case == 'eval':
+        norm.eval()
+    if case == 'frozen affine':
+        norm = nn.BatchNorm2d(4, affine=False).train()
+    pre = torch.randn(2, 4, 5, 5)
+    if case == 'channels last':
+        pre = pre.to(memory_format=torch.channels_last)
+    gates = torch.tensor([[1., 0., 1., 1.], [0., 1., 1., 0.]])
+    reference = copy.deepcopy(norm)
+    with torch.set_grad_enabled(case != 'no grad'):
+        x = pre.clone().requires_grad_(case != 'no grad')
+        out = batch_norm_gated_relu(x, norm, gates)
+        expected = _norm_then_gated_relu(pre, reference, gates)
+    if case != 'no grad':
+        assert out.grad_fn.name() not in (CPP_NODES['norm_relu'],
+                                          PYTHON_NODES['norm_relu'])
+    torch.testing.assert_close(out, expected)
+    for name, buffer in reference.named_buffers():
+        assert torch.equal(getattr(norm, name), buffer), name
+
+
+def test_batch_norm_gated_relu_rejects_bad_shapes(node_mode):
+    norm = _norm(4, 'default')
+    with pytest.raises(ValueError, match=r'gates of shape.*2, 3'):
+        batch_norm_gated_relu(
+            torch.randn(2, 4, 3, 3, requires_grad=True), norm,
+            torch.ones(2, 3))
+    count = norm.num_batches_tracked.item()
+    # One value per channel: the norm's own error, nothing counted.
+    with pytest.raises(ValueError, match='more than 1 value per channel'):
+        batch_norm_gated_relu(
+            torch.randn(1, 4, 1, 1, requires_grad=True), norm,
+            torch.ones(1, 4))
+    assert norm.num_batches_tracked.item() == count + 1  # the norm's
 
 
 # ---------------------------------------------------------- fused gate
@@ -602,13 +797,20 @@ def test_backbone_training_step_is_the_same_fused_or_not(monkeypatch):
     reference = copy.deepcopy(model)
     fused = step(model)
     _unfused_gate(monkeypatch)
-    monkeypatch.setattr(blocks_module, 'gated_relu',
-                        lambda x, g: torch.relu(x) * g[:, :, None, None])
+    monkeypatch.setattr(
+        blocks_module, 'batch_norm_gated_relu',
+        lambda x, norm, g: torch.relu(norm(x)) * g[:, :, None, None])
     expected = step(reference)
-    torch.testing.assert_close(fused[0], expected[0], rtol=1e-4, atol=1e-5)
+    # Eight blocks of float32 rounding, in a different order on each path
+    # (each path's own error: test_batch_norm_gated_relu_is_as_accurate_...)
+    torch.testing.assert_close(fused[0], expected[0], rtol=1e-4, atol=3e-5)
     for name, grad in expected[1].items():
         torch.testing.assert_close(fused[1][name], grad, rtol=1e-3,
                                    atol=1e-5, msg=name)
+    buffers = dict(reference.named_buffers())
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, buffers[name], rtol=1e-5,
+                                   atol=1e-6, msg=name)
 
 
 # --------------------------------------------------------- column sort

@@ -35,7 +35,7 @@ no gradient back to the filter that made it (the paper's reason, section 4).
 import torch
 import torch.utils.checkpoint as cp
 
-from .gated_relu import gated_relu
+from .gated_relu import batch_norm_gated_relu
 from .gates import ChannelGate, parse_gate_cfg
 from .skip_execution import check_skip_mode, skip_residual
 
@@ -92,10 +92,11 @@ class _GatedBlockMixin:
     def gated(self) -> bool:
         return self.gate_cfg is not None
 
-    def _activate(self, out, gate, name, produced_by, consumed_by):
-        """``relu(out)``, times the gate of module ``name`` if gated."""
+    def _activate(self, out, norm, gate, name, produced_by, consumed_by):
+        """``relu(norm(out))``, times the gate of module ``name`` if
+        gated."""
         if gate is None:
-            return self.relu(out)
+            return self.relu(norm(out))
         module = getattr(self, name)
         map_size = tuple(out.shape[2:])
         if module.map_size != map_size or module.controlled_macs is None:
@@ -104,10 +105,11 @@ class _GatedBlockMixin:
                                                   *map_size)
         if type(self.relu) is torch.nn.ReLU \
                 and not torch.jit.is_tracing():
-            return gated_relu(out, gate)
+            return batch_norm_gated_relu(out, norm, gate)
         # Other activations, and the MAC counters' traces, which count
-        # the product as the aten::mul it is.
-        return self.relu(out) * gate.to(out.dtype)[:, :, None, None]
+        # the norm and the product as the operations they are.
+        out = self.relu(norm(out))
+        return out * gate.to(out.dtype)[:, :, None, None]
 
     def gated_convs(self):
         """The convolutions of the residual branch with the names of the
@@ -178,7 +180,7 @@ class GatedBasicBlockMixin(_GatedBlockMixin):
                                     self._gate_norm_cfg)
 
     def _residual(self, x, gate):
-        out = self._activate(self.norm1(self.conv1(x)), gate, 'gate',
+        out = self._activate(self.conv1(x), self.norm1, gate, 'gate',
                              self.conv1, self.conv2)
         return self.norm2(self.conv2(out))
 
@@ -211,10 +213,10 @@ class GatedBottleneckMixin(_GatedBlockMixin):
         return out
 
     def _residual(self, x, gate1, gate2):
-        out = self._activate(self.norm1(self.conv1(x)), gate1, 'gate1',
+        out = self._activate(self.conv1(x), self.norm1, gate1, 'gate1',
                              self.conv1, self.conv2)
         out = self._plugins(out, 'conv1')
-        out = self._activate(self.norm2(self.conv2(out)), gate2, 'gate2',
+        out = self._activate(self.conv2(out), self.norm2, gate2, 'gate2',
                              self.conv2, self.conv3)
         out = self._plugins(out, 'conv2')
         return self._plugins(self.norm3(self.conv3(out)), 'conv3')

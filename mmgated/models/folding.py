@@ -27,6 +27,22 @@ def norm_sources(norm: nn.Module):
             params.get('weight'), params.get('bias'))
 
 
+def count_training_batch(norm: nn.Module) -> float:
+    """Advance the batch counter of a BN layer as its forward in training
+    does and return the factor by which its running statistics then move:
+    its momentum, or ``1 / batches`` for a cumulative average (0 where it
+    tracks none). For the fused training paths, which update the running
+    statistics themselves."""
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    batches = norm._buffers.get('num_batches_tracked') \
+        if norm.track_running_stats else None
+    if batches is not None:
+        batches.add_(1)
+        if norm.momentum is None:
+            momentum = 1.0 / float(batches)
+    return momentum
+
+
 def cached_on(module: nn.Module, name: str, sources, build):
     """``build()`` cached on ``module`` (not in its state dict) under
     ``name`` until one of the tensors ``sources`` changes: an in-place

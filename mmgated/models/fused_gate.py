@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from ..ops.gate_training import gate_train_backward, gate_train_forward
 from ..ops.training_nodes import training_nodes
-from .folding import norm_sources
+from .folding import count_training_batch, norm_sources
 
 
 def logistic_noise(shape, like: torch.Tensor) -> torch.Tensor:
@@ -222,11 +222,7 @@ def fused_training_gate(gate, x: torch.Tensor):
     if not _input_fuses(x):
         return None
     noise = logistic_noise((x.shape[0], gate.out_channels), x)
-    momentum = 0.0 if norm.momentum is None else norm.momentum
-    if batches is not None:
-        batches.add_(1)
-        if norm.momentum is None:  # cumulative moving average
-            momentum = 1.0 / float(batches)
+    momentum = count_training_batch(norm)
     return _TrainingGate.apply(x, noise, fc1_weight, norm_weight, norm_bias,
                                fc2['weight'], fc2['bias'], running_mean,
                                running_var, momentum, norm.eps, gate.tau)

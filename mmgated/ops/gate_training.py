@@ -1,5 +1,6 @@
 """Compiled training forward and backward of the gating module and of the
-gated ReLU (``csrc/gate_training.c``).
+gated ReLU (``csrc/gate_training.c``), and of the batch norm and gated ReLU
+of a gated map together (``csrc/batch_norm_gated_relu.c``).
 
 These are the inner loops of :mod:`mmgated.models.fused_gate` and
 :mod:`mmgated.models.gated_relu`, which hold the autograd functions and
@@ -23,6 +24,10 @@ _SIGNATURES = dict(
     gate_train_backward=([_L] * 5 + [_P] * 10 + [_D] + [_P] * 6, None),
     gated_relu_forward=([_P, _P, _L, _L, _P, _I], None),
     gated_relu_backward=([_P, _P, _P, _L, _L, _P, _P, _I], None),
+    bn_gated_relu_forward=([_P, _P, _L, _L, _L, _P, _P, _D, _P, _P, _D] +
+                           [_P] * 3 + [_I], None),
+    bn_gated_relu_backward=([_P, _P, _P, _L, _L, _L] + [_P] * 8 + [_I],
+                            None),
 )
 
 
@@ -132,3 +137,53 @@ def gated_relu_backward(grad_out, x, gates, need_x: bool, need_gates: bool):
              height * width, pointer(grad_x), pointer(grad_gates),
              torch.get_num_threads())
     return grad_x, grad_gates
+
+
+def batch_norm_gated_relu_forward(x, gates, weight, bias, running_mean,
+                                  running_var, factor: float, eps: float
+                                  ) -> Optional[Tuple[torch.Tensor, ...]]:
+    """``relu(batch_norm(x)) * gates`` with the batch's statistics, in one
+    compiled call that also moves the running statistics (if given) by
+    ``factor``.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor] | None: The output, the batch mean and
+        the inverse standard deviation (what the backward needs, with
+        ``x``); None where the compiled version does not apply.
+    """
+    function = float32_function(_SIGNATURES, 'bn_gated_relu_forward', x,
+                                gates, weight, bias, running_mean,
+                                running_var)
+    if function is None or x.dim() != 4:
+        return None
+    n, c, height, width = x.shape
+    out = torch.empty_like(x)
+    mean, invstd = x.new_empty(c), x.new_empty(c)
+    function(pointer(x), pointer(gates), n, c, height * width,
+             pointer(weight), pointer(bias), eps, pointer(running_mean),
+             pointer(running_var), factor, pointer(mean), pointer(invstd),
+             pointer(out), torch.get_num_threads())
+    return out, mean, invstd
+
+
+def batch_norm_gated_relu_backward(grad_out, x, gates, weight, bias, mean,
+                                   invstd, needs):
+    """The compiled backward of :func:`batch_norm_gated_relu_forward`.
+
+    Args:
+        needs (tuple[bool]): Whether the gradients of ``x``, ``weight``,
+            ``bias`` and ``gates`` are needed.
+
+    Returns:
+        list[Tensor | None]: Those four gradients (None where not needed).
+    """
+    grad_out = grad_out.contiguous()
+    function = native_function('bn_gated_relu_backward',
+                               *_SIGNATURES['bn_gated_relu_backward'])
+    n, c, height, width = x.shape
+    grads = [x.new_empty(t.shape) if need else None
+             for t, need in zip((x, weight, bias, gates), needs)]
+    function(pointer(grad_out), pointer(x), pointer(gates), n, c,
+             height * width, pointer(weight), pointer(bias), pointer(mean),
+             pointer(invstd), *map(pointer, grads), torch.get_num_threads())
+    return grads

@@ -148,15 +148,23 @@ def native_function(name: str, argtypes, restype=None):
     return function
 
 
+def float32_readable(*tensors) -> bool:
+    """Whether every given tensor (None allowed) is a contiguous float32
+    CPU tensor, as the compiled operations read them."""
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type
+                              != 'cpu' or not t.is_contiguous()):
+            return False
+    return True
+
+
 def float32_function(signatures, name: str, *tensors):
     """The compiled function ``name``, its ctypes signature taken from
     ``signatures`` (name to ``(argtypes, restype)``), if every given tensor
     (None allowed) is a contiguous float32 CPU tensor; else None: the
     callers then compute the same with PyTorch operations."""
-    for t in tensors:
-        if t is not None and (t.dtype != torch.float32 or t.device.type
-                              != 'cpu' or not t.is_contiguous()):
-            return None
+    if not float32_readable(*tensors):
+        return None
     return native_function(name, *signatures[name])
 
 

@@ -1,7 +1,8 @@
 """The training autograd nodes in C++ (``csrc/training_nodes.cpp``).
 
 :mod:`mmgated.models.fused_gate` and :mod:`mmgated.models.gated_relu` hold
-the gating module's and the gated ReLU's training forward and backward as
+the gating module's, the gated ReLU's and the batch-norm gated ReLU's
+training forward and backward as
 Python autograd Functions. Their compiled kernels are quick, but in a
 training step the Python around them is not: it runs between convolutions
 that have evicted the interpreter from the caches, at some 15-30 µs an
@@ -37,7 +38,8 @@ _SOURCE = osp.join(osp.dirname(__file__), 'csrc', 'training_nodes.cpp')
 # The kernels bound into the extension, in bind_kernels' order.
 _KERNELS = ('gate_train_workspace_size', 'gate_train_forward',
             'gate_train_backward', 'gated_relu_forward',
-            'gated_relu_backward')
+            'gated_relu_backward', 'bn_gated_relu_forward',
+            'bn_gated_relu_backward')
 _extension = None  # the loaded module, False after a failed build
 
 
@@ -115,7 +117,11 @@ def training_nodes():
         norm_weight, norm_bias, fc2_weight, fc2_bias, running_mean,
         running_var, num_batches_tracked, momentum, eps, tau)`` (the
         norm's own buffers and momentum; the noise drawn where it is None,
-        the counter advanced) and ``gated_relu(x, gates)``, each returning
+        the counter advanced), ``gated_relu(x, gates)`` and
+        ``batch_norm_gated_relu(x, gates, weight, bias, running_mean,
+        running_var, num_batches_tracked, momentum, eps)`` (a batch norm's
+        own parameters, buffers and momentum; the counter advanced), each
+        returning
         None, having done nothing, where the kernels do not read the given
         tensors or the module-by-module path must run.
     """

@@ -1,8 +1,10 @@
 /*
- * The training forward and backward of a gating module and of the gated
- * ReLU as C++ autograd nodes (see mmgated/ops/training_nodes.py).
+ * The training forward and backward of a gating module, of the gated ReLU
+ * and of a batch norm with its gated ReLU as C++ autograd nodes (see
+ * mmgated/ops/training_nodes.py).
  *
- * The arithmetic is gate_training.c's, reached through function pointers
+ * The arithmetic is gate_training.c's and batch_norm_gated_relu.c's,
+ * reached through function pointers
  * that bind_kernels receives from the compiled library already loaded: this
  * file only allocates the results and records the nodes. As Python
  * autograd Functions the same calls spend more time in the interpreter than
@@ -42,6 +44,14 @@ struct Kernels {
                          int) = nullptr;
     void (*relu_backward)(const float*, const float*, const float*, long,
                           long, float*, float*, int) = nullptr;
+    void (*bn_relu_forward)(const float*, const float*, long, long, long,
+                            const float*, const float*, double, float*,
+                            float*, double, float*, float*, float*,
+                            int) = nullptr;
+    void (*bn_relu_backward)(const float*, const float*, const float*, long,
+                             long, long, const float*, const float*,
+                             const float*, const float*, float*, float*,
+                             float*, float*, int) = nullptr;
 } kernels;
 
 bool readable(const Tensor& t) {
@@ -188,6 +198,55 @@ struct GatedReLU : public torch::autograd::Function<GatedReLU> {
     }
 };
 
+struct BatchNormGatedReLU
+    : public torch::autograd::Function<BatchNormGatedReLU> {
+    // Running statistics are absent (nullopt) where the norm tracks none.
+    static Tensor forward(AutogradContext* ctx, Tensor x, Tensor weight,
+                          Tensor bias, Tensor gates,
+                          std::optional<Tensor> running_mean_or_none,
+                          std::optional<Tensor> running_var_or_none,
+                          double factor, double eps) {
+        ctx->set_materialize_grads(false);
+        Tensor gates32 = gates.to(at::kFloat).contiguous();
+        Tensor running_mean = value_or_undefined(running_mean_or_none);
+        Tensor running_var = value_or_undefined(running_var_or_none);
+        const int64_t n = x.size(0), c = x.size(1);
+        Tensor out = at::empty_like(x);
+        Tensor mean = at::empty({c}, x.options());
+        Tensor invstd = at::empty({c}, x.options());
+        kernels.bn_relu_forward(data(x), data(gates32), n, c,
+                                x.size(2) * x.size(3), data(weight),
+                                data(bias), eps, data(running_mean),
+                                data(running_var), factor, data(mean),
+                                data(invstd), data(out),
+                                at::get_num_threads());
+        ctx->save_for_backward({x, weight, bias, gates32, mean, invstd});
+        return out;
+    }
+
+    static variable_list backward(AutogradContext* ctx,
+                                  variable_list grads) {
+        variable_list results(8);
+        if (!grads[0].defined())
+            return results;
+        auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
+        const Tensor &gates = saved[3], &mean = saved[4];
+        const Tensor& invstd = saved[5];
+        Tensor grad_out = grads[0].contiguous();
+        const Tensor* like[4] = {&x, &weight, &bias, &gates};
+        for (int i = 0; i < 4; i++)
+            if (ctx->needs_input_grad(i))
+                results[i] = at::empty_like(*like[i]);
+        kernels.bn_relu_backward(
+            data(grad_out), data(x), data(gates), x.size(0), x.size(1),
+            x.size(2) * x.size(3), data(weight), data(bias), data(mean),
+            data(invstd), data(results[0]), data(results[1]),
+            data(results[2]), data(results[3]), at::get_num_threads());
+        return results;
+    }
+};
+
 /* A norm's batch counter, as _BatchNorm keeps it. */
 bool is_counter(const std::optional<Tensor>& t) {
     return !t.has_value() ||
@@ -200,6 +259,20 @@ double count_batch(const Tensor& counter) {
     // The buffer's version moves as an in-place add would move it.
     counter.unsafeGetTensorImpl()->bump_version();
     return static_cast<double>(++*counter.data_ptr<int64_t>());
+}
+
+/* Advances a norm's batch counter (if it has one) and returns the factor
+ * by which its running statistics move, as _BatchNorm.forward does. */
+double running_stats_factor(
+    const std::optional<Tensor>& num_batches_tracked,
+    std::optional<double> momentum) {
+    double factor = momentum.value_or(0.0);
+    if (num_batches_tracked.has_value()) {
+        const double count = count_batch(*num_batches_tracked);
+        if (!momentum.has_value())  // a cumulative moving average
+            factor = 1.0 / count;
+    }
+    return factor;
 }
 
 py::object training_gate(const Tensor& x,
@@ -252,13 +325,8 @@ py::object training_gate(const Tensor& x,
         // As mmgated.models.fused_gate.logistic_noise draws it, from the
         // same generator: a seed gives the same gates on either path.
         noise = at::rand({n, out}, x.options()).logit_(1e-6);
-    // The norm's batch counter and momentum, as _BatchNorm.forward.
-    double factor = momentum.value_or(0.0);
-    if (num_batches_tracked.has_value()) {
-        const double count = count_batch(*num_batches_tracked);
-        if (!momentum.has_value())  // a cumulative moving average
-            factor = 1.0 / count;
-    }
+    const double factor =
+        running_stats_factor(num_batches_tracked, momentum);
     auto outputs = TrainingGate::apply(
         x, noise, fc1_weight, norm_weight, norm_bias, fc2_weight, fc2_bias,
         running_mean, running_var, factor, eps, tau);
@@ -276,9 +344,43 @@ py::object gated_relu(const Tensor& x, const Tensor& gates) {
     return py::cast(GatedReLU::apply(x, gates));
 }
 
+py::object batch_norm_gated_relu(
+    const Tensor& x, const Tensor& gates, const Tensor& weight,
+    const Tensor& bias, const std::optional<Tensor>& running_mean,
+    const std::optional<Tensor>& running_var,
+    const std::optional<Tensor>& num_batches_tracked,
+    std::optional<double> momentum, double eps) {
+    // One value per channel has no batch variance: the norm itself raises.
+    if (x.dim() != 4 || x.size(0) * x.size(2) * x.size(3) < 2 ||
+        !readable(x) || !readable(weight) || !readable(bias) ||
+        !readable(value_or_undefined(running_mean)) ||
+        !readable(value_or_undefined(running_var)) ||
+        !is_counter(num_batches_tracked) || !gates.device().is_cpu() ||
+        !at::isFloatingType(gates.scalar_type()) ||
+        torch::jit::tracer::isTracing())
+        return py::none();
+    const int64_t c = x.size(1);
+    bool shapes = weight.numel() == c && bias.numel() == c;
+    for (const auto* t : {&running_mean, &running_var})
+        shapes = shapes && (!t->has_value() || (*t)->numel() == c);
+    TORCH_CHECK_VALUE(shapes, "batch_norm_gated_relu: a map of ", c,
+                      " channels with a norm of weight ", weight.sizes(),
+                      " and bias ", bias.sizes());
+    TORCH_CHECK_VALUE(gates.dim() == 2 && gates.size(0) == x.size(0) &&
+                          gates.size(1) == c,
+                      "gated_relu: gates of shape ", gates.sizes(),
+                      " for a map of shape ", x.sizes(), "; need (N, C)");
+    const double factor =
+        running_stats_factor(num_batches_tracked, momentum);
+    return py::cast(BatchNormGatedReLU::apply(x, weight, bias, gates,
+                                              running_mean, running_var,
+                                              factor, eps));
+}
+
 void bind_kernels(uintptr_t workspace_size, uintptr_t gate_forward,
                   uintptr_t gate_backward, uintptr_t relu_forward,
-                  uintptr_t relu_backward) {
+                  uintptr_t relu_backward, uintptr_t bn_relu_forward,
+                  uintptr_t bn_relu_backward) {
     kernels.workspace_size =
         reinterpret_cast<decltype(kernels.workspace_size)>(workspace_size);
     kernels.gate_forward =
@@ -289,6 +391,11 @@ void bind_kernels(uintptr_t workspace_size, uintptr_t gate_forward,
         reinterpret_cast<decltype(kernels.relu_forward)>(relu_forward);
     kernels.relu_backward =
         reinterpret_cast<decltype(kernels.relu_backward)>(relu_backward);
+    kernels.bn_relu_forward =
+        reinterpret_cast<decltype(kernels.bn_relu_forward)>(bn_relu_forward);
+    kernels.bn_relu_backward =
+        reinterpret_cast<decltype(kernels.bn_relu_backward)>(
+            bn_relu_backward);
 }
 
 }  // namespace mmgated
@@ -303,5 +410,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "read the tensors.");
     m.def("gated_relu", &mmgated::gated_relu,
           "relu(x) * gates as one autograd node, or None where the kernels "
+          "cannot read the tensors.");
+    m.def("batch_norm_gated_relu", &mmgated::batch_norm_gated_relu,
+          "relu(batch_norm(x)) * gates with the batch's statistics as one "
+          "autograd node, the running statistics updated and the batch "
+          "counter advanced, or None (and nothing done) where the kernels "
           "cannot read the tensors.");
 }
