@@ -20,10 +20,10 @@ pass, the backward of those losses alone down to the gate probabilities, so
 that the share of a step that the gate losses cost can be read off. The
 forward pass (with the losses) of each step is timed too, so that the
 overhead splits into the forward's and the rest's (backward, SGD step).
-``--unfused`` and ``--python-nodes`` also time, in the same rounds, the
-gated model as earlier rounds of the library trained it (a deep copy of it
-within :class:`unfused` or :class:`python_nodes`), with the paired ratio of
-the gated step to each.
+``--unfused``, ``--python-nodes`` and ``--separate-norm`` also time, in the
+same rounds, the gated model as earlier rounds of the library trained it (a
+deep copy of it within :class:`unfused`, :class:`python_nodes` or
+:class:`separate_norm`), with the paired ratio of the gated step to each.
 ``--optimizer recipe`` steps each model with the optimizer that the ImageNet
 recipe (``configs/resnet{depth}_bas_in1k.py``) builds for it instead of one
 plain SGD over all parameters: for the gated model, two parameter groups
@@ -38,7 +38,10 @@ process (:func:`keep_heap`), for both models.
 ``--optimizer-only`` times the recipe's optimizer steps alone instead (the
 dense model's, the gated model's merged groups and its per-parameter groups),
 ``--losses-only`` the gate losses alone, ``--gates-only`` the
-gating modules alone (each to compare two checkouts of the library).
+gating modules alone (each to compare two checkouts of the library), and
+``--norms-only`` the norm and activation of the gated maps alone, three ways
+side by side: as one node, as PyTorch's batch norm and the gated ReLU, and
+as the dense block computes them.
 
 Example::
 
@@ -102,6 +105,11 @@ def parse_args(argv=None):
         'gated ReLU as Python autograd Functions around the compiled '
         'kernels (the previous round\'s nodes), not the C++ nodes')
     parser.add_argument(
+        '--separate-norm', action='store_true',
+        help='also time the gated model with the batch norm of each gated '
+        'map and its gated ReLU as two autograd nodes (PyTorch\'s batch '
+        'norm, the previous rounds\' library), not one')
+    parser.add_argument(
         '--optimizer', choices=['sgd', 'recipe'], default='sgd',
         help='sgd: one torch SGD over all parameters of each model (lr '
         '1e-3); recipe: the optimizer wrapper of the ImageNet recipe '
@@ -137,10 +145,18 @@ def parse_args(argv=None):
         'forward (with its noise draw) and backward at the input it had in '
         'one forward of the model, summed over the gates; run it in two '
         'checkouts to compare two libraries')
+    parser.add_argument(
+        '--norms-only', action='store_true',
+        help='time only the norm and activation of the gated maps, '
+        'forward and backward, summed over the maps, at the maps and gates '
+        'one forward of the model gave them, alternating three ways: one '
+        'batch-norm gated ReLU node, PyTorch\'s batch norm then the gated '
+        'ReLU, and the dense block\'s batch norm then in-place ReLU')
     args = parser.parse_args(argv)
-    if args.losses_only + args.gates_only + args.optimizer_only > 1:
-        raise SystemExit('--losses-only, --gates-only and --optimizer-only: '
-                         'choose one')
+    if args.losses_only + args.gates_only + args.optimizer_only \
+            + args.norms_only > 1:
+        raise SystemExit('--losses-only, --gates-only, --optimizer-only and '
+                         '--norms-only: choose one')
     if args.per_param_groups and args.optimizer != 'recipe':
         raise SystemExit('--per-param-groups compares two builds of the '
                          'recipe\'s optimizer: add --optimizer recipe')
@@ -202,10 +218,10 @@ def cramer_von_mises_graph(x, prior, reduction):
 
 
 class unfused:
-    """Within: gated models train with the gating module, the gated ReLU
-    and the batch-shaping loss's sort as separate PyTorch operations (the
-    earlier rounds' library), not the fused autograd nodes and compiled
-    calls."""
+    """Within: gated models train with the gating module, the gated maps'
+    batch norm and ReLU times gates, and the batch-shaping loss's sort as
+    separate PyTorch operations (the earlier rounds' library), not the
+    fused autograd nodes and compiled calls."""
 
     def __enter__(self):
         import mmgated.models.blocks as blocks
@@ -213,11 +229,12 @@ class unfused:
         import mmgated.models.losses.batch_shaping_loss as bs
         self.saved = [(gates, 'fused_training_gate',
                        gates.fused_training_gate),
-                      (blocks, 'gated_relu', blocks.gated_relu),
+                      (blocks, 'batch_norm_gated_relu',
+                       blocks.batch_norm_gated_relu),
                       (bs, 'cramer_von_mises', bs.cramer_von_mises)]
         gates.fused_training_gate = lambda gate, x: None
-        blocks.gated_relu = \
-            lambda x, g: x.relu_() * g.to(x.dtype)[:, :, None, None]
+        blocks.batch_norm_gated_relu = lambda x, norm, g: norm(x).relu_(
+        ) * g.to(x.dtype)[:, :, None, None]
         bs.cramer_von_mises = cramer_von_mises_graph
         return self
 
@@ -243,11 +260,31 @@ class python_nodes:
         return False
 
 
+class separate_norm:
+    """Within: the batch norm of each gated map and its gated ReLU are two
+    autograd nodes, PyTorch's batch norm and
+    mmgated.models.gated_relu.gated_relu (the previous rounds' library),
+    not one batch-norm gated ReLU."""
+
+    def __enter__(self):
+        import mmgated.models.blocks as blocks
+        from mmgated.models.gated_relu import gated_relu
+        self.blocks, self.saved = blocks, blocks.batch_norm_gated_relu
+        blocks.batch_norm_gated_relu = \
+            lambda x, norm, g: gated_relu(norm(x), g)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.blocks.batch_norm_gated_relu = self.saved
+        return False
+
+
 # The gated model's other versions that a run can time beside it: the
 # option that asks for each and the context it trains within.
 VARIANTS = OrderedDict(
     unfused=unfused,
     python_nodes=python_nodes,
+    separate_norm=separate_norm,
     per_param_groups=contextlib.nullcontext)
 
 
@@ -603,6 +640,71 @@ def gates_benchmark(depth, args, device):
         gates_backward_ms=backward_ms)
 
 
+def norms_benchmark(depth, args, device):
+    """Milliseconds of the gated maps' norm and activation alone, forward
+    and backward, summed over the gated maps of the backbone, on the maps
+    and gates one forward of the model gave them, three ways alternating
+    map by map: ``fused``, the library's (one batch-norm gated ReLU node);
+    ``separate``, PyTorch's batch norm then the gated ReLU; ``dense``, the
+    dense block's batch norm then in-place ReLU (no gates)."""
+    from mmpretrain.structures import DataSample
+
+    import mmgated.models.blocks as blocks
+    from mmgated.models.gated_relu import gated_relu
+    _, gated = build_models(depth, device, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    inputs = torch.randn(args.batch_size, 3, args.size, args.size,
+                         generator=gen).to(device)
+    fused = blocks.batch_norm_gated_relu
+    maps = []
+
+    def capture(x, norm, gates):
+        maps.append((x.detach().clone(), copy.deepcopy(norm),
+                     gates.detach().clone()))
+        return fused(x, norm, gates)
+
+    blocks.batch_norm_gated_relu = capture
+    try:
+        gated.loss(inputs, [DataSample().set_gt_label(0)] * args.batch_size)
+    finally:
+        blocks.batch_norm_gated_relu = fused
+    ways = OrderedDict(
+        fused=fused,
+        separate=lambda x, norm, gates: gated_relu(norm(x), gates),
+        dense=lambda x, norm, gates: torch.relu_(norm(x)))
+    times = {name: [0.0] * args.repeats for name in ways}
+    for i in range(args.warmup + args.repeats):
+        order = list(ways) if i % 2 == 0 else list(ways)[::-1]
+        for x, norm, gates in maps:
+            grad = torch.ones_like(x)
+            for name in order:
+                x = x.detach().requires_grad_()
+                gates = gates.detach().requires_grad_()
+                norm.zero_grad(set_to_none=True)
+                _sync(device)
+                start = time.perf_counter()
+                ways[name](x, norm, gates).backward(grad)
+                _sync(device)
+                if i >= args.warmup:
+                    times[name][i - args.warmup] += \
+                        time.perf_counter() - start
+    row = OrderedDict(
+        model=f'resnet{depth}',
+        batch=args.batch_size,
+        gates=len(maps),
+        device=str(device),
+        size=args.size)
+    for name in ways:
+        row[f'{name}_ms'] = statistics.median(times[name]) * 1e3
+    for name in ('separate', 'dense'):
+        ratio, low, high = median_interval(
+            paired_ratios(times['fused'], times[name]))
+        row.update({f'fused_vs_{name}': ratio,
+                    f'fused_vs_{name}_low': low,
+                    f'fused_vs_{name}_high': high})
+    return row
+
+
 def optimizer_benchmark(depth, args, device):
     """Milliseconds of the recipe's optimizer steps alone, on fixed random
     gradients, alternating every round: the dense model's (one group), the
@@ -695,6 +797,24 @@ def gates_markdown(rows):
                             ('their backward ms', 'gates_backward_ms')])
 
 
+def norms_markdown(rows):
+    lines = [
+        '| model | input | batch | gated maps | device | one node ms | '
+        'batch norm + gated ReLU ms | dense block\'s ms | paired one node / '
+        'batch norm + gated ReLU [95 % CI] | paired one node / dense '
+        'block\'s [95 % CI] |', '|---|---|---:|---:|---|---:|---:|---:|---:'
+        '|---:|'
+    ]
+    for r in rows:
+        lines.append(
+            f'| {r["model"]} | {r["size"]}x{r["size"]} | {r["batch"]} | '
+            f'{r["gates"]} | {r["device"]} | {r["fused_ms"]:.2f} | '
+            f'{r["separate_ms"]:.2f} | {r["dense_ms"]:.2f} | '
+            f'{format_row_interval(r, "fused_vs_separate")} | '
+            f'{format_row_interval(r, "fused_vs_dense")} |')
+    return '\n'.join(lines)
+
+
 def losses_markdown(rows):
     return _alone_markdown(
         rows, 'gates',
@@ -752,6 +872,7 @@ def main(argv=None):
         start = time.time()
         run = losses_benchmark if args.losses_only else \
             gates_benchmark if args.gates_only else \
+            norms_benchmark if args.norms_only else \
             optimizer_benchmark if args.optimizer_only else benchmark
         rows.append(run(depth, args, device))
         print(f'# resnet{depth}: {time.time() - start:.0f} s',
@@ -766,6 +887,11 @@ def main(argv=None):
               'steps each; paired: median of the per-round ratios, with its '
               'distribution-free 95 % interval')
         print(optimizer_markdown(rows))
+    elif args.norms_only:
+        print(header + f'median of {args.repeats} rounds, each the sum over '
+              'the gated maps; paired: median of the per-round ratios, with '
+              'its distribution-free 95 % interval')
+        print(norms_markdown(rows))
     elif args.losses_only or args.gates_only:
         print(header + f'median of {args.repeats} calls, each')
         print((losses_markdown if args.losses_only else gates_markdown)(rows))

@@ -271,7 +271,8 @@ def test_train_overhead_unfused():
     import mmgated.models.gates as gates
     from mmgated.models import collect_gates
     from mmgated.models.backbones.mmpretrain_resnet import GatedResNet
-    fused_functions = (gates.fused_training_gate, blocks.gated_relu)
+    fused_functions = (gates.fused_training_gate,
+                       blocks.batch_norm_gated_relu)
     model = GatedResNet(depth=18).train()
     x = torch.randn(2, 3, 32, 32)
     with train_overhead.unfused():
@@ -279,7 +280,8 @@ def test_train_overhead_unfused():
         names = {type(o.logits.grad_fn).__name__
                  for o in collect_gates(model).values()}
     assert names == {'AddmmBackward0'}
-    assert (gates.fused_training_gate, blocks.gated_relu) == fused_functions
+    assert (gates.fused_training_gate,
+            blocks.batch_norm_gated_relu) == fused_functions
     model(x)
     names = {o.logits.grad_fn.name() for o in collect_gates(model).values()}
     assert names == {fused_gate_node()}
@@ -340,6 +342,62 @@ def test_train_overhead_python_nodes():
     assert 'paired gated/unfused' in lines[0]
     assert lines[0].index('unfused') < lines[0].index('python_nodes')
     assert {line.count('|') for line in lines} == {27}
+
+
+def test_train_overhead_separate_norm():
+    """``--separate-norm`` times the gated step with PyTorch's batch norm
+    and the gated ReLU as two nodes in the same run, and leaves the
+    library's one node in place."""
+    import mmgated.models.blocks as blocks
+    from mmgated.models.backbones.mmpretrain_resnet import GatedResNet
+    from mmgated.ops.native import native_available
+    if not native_available():
+        pytest.skip('no C compiler: no batch-norm gated ReLU node')
+    fused = blocks.batch_norm_gated_relu
+    model = GatedResNet(depth=18).train()
+    activations = []
+    model.layer1[0].conv2.register_forward_pre_hook(
+        lambda module, inputs: activations.append(inputs[0].grad_fn.name()))
+    x = torch.randn(2, 3, 32, 32)
+    with train_overhead.separate_norm():
+        model(x)
+    model(x)
+    assert blocks.batch_norm_gated_relu is fused
+    assert 'BatchNorm' not in activations[0]  # the gated ReLU's node
+    assert 'BatchNormGatedReLU' in activations[1]
+
+    args = train_overhead.parse_args([
+        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
+        '1', '--warmup', '0', '--threads', '1', '--separate-norm'
+    ])
+    torch.set_num_threads(1)
+    row = train_overhead.benchmark(18, args, torch.device('cpu'))
+    assert row['gated_vs_separate_norm'] == pytest.approx(
+        row['gated_ms'] / row['separate_norm_ms'])
+    lines = train_overhead.markdown([row]).splitlines()
+    assert 'paired gated/separate_norm' in lines[0]
+
+
+def test_train_overhead_norms_only(tmp_path):
+    """``--norms-only`` times the gated maps' norm and activation three
+    ways on the maps of one forward (one per basic block)."""
+    out = tmp_path / 'norms.json'
+    rows = train_overhead.main([
+        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
+        '3', '--warmup', '1', '--threads', '1', '--norms-only', '--out',
+        str(out)
+    ])
+    (row, ) = rows
+    assert row['gates'] == 8
+    assert min(row['fused_ms'], row['separate_ms'], row['dense_ms']) > 0
+    assert row['fused_vs_dense_low'] is None  # three rounds decide nothing
+    assert 0 < row['fused_vs_separate'] < 10
+    lines = train_overhead.norms_markdown(rows).splitlines()
+    assert len(lines) == 3
+    assert lines[2].startswith('| resnet18 | 32x32 | 2 | 8 | cpu |')
+    assert {line.count('|') for line in lines} == {11}
+    with pytest.raises(SystemExit, match='choose one'):
+        train_overhead.parse_args(['--norms-only', '--gates-only'])
 
 
 def test_train_overhead_losses_only(tmp_path):
