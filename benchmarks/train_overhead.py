@@ -260,18 +260,22 @@ class python_nodes:
         return False
 
 
+def norm_then_gated_relu(x, norm, gates):
+    """A gated map's norm and activation as the previous rounds' library
+    computed them: PyTorch's batch norm, then the gated ReLU's node."""
+    from mmgated.models.gated_relu import gated_relu
+    return gated_relu(norm(x), gates)
+
+
 class separate_norm:
     """Within: the batch norm of each gated map and its gated ReLU are two
-    autograd nodes, PyTorch's batch norm and
-    mmgated.models.gated_relu.gated_relu (the previous rounds' library),
-    not one batch-norm gated ReLU."""
+    autograd nodes (:func:`norm_then_gated_relu`), not one batch-norm gated
+    ReLU."""
 
     def __enter__(self):
         import mmgated.models.blocks as blocks
-        from mmgated.models.gated_relu import gated_relu
         self.blocks, self.saved = blocks, blocks.batch_norm_gated_relu
-        blocks.batch_norm_gated_relu = \
-            lambda x, norm, g: gated_relu(norm(x), g)
+        blocks.batch_norm_gated_relu = norm_then_gated_relu
         return self
 
     def __exit__(self, *exc_info):
@@ -650,7 +654,6 @@ def norms_benchmark(depth, args, device):
     from mmpretrain.structures import DataSample
 
     import mmgated.models.blocks as blocks
-    from mmgated.models.gated_relu import gated_relu
     _, gated = build_models(depth, device, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     inputs = torch.randn(args.batch_size, 3, args.size, args.size,
@@ -670,7 +673,7 @@ def norms_benchmark(depth, args, device):
         blocks.batch_norm_gated_relu = fused
     ways = OrderedDict(
         fused=fused,
-        separate=lambda x, norm, gates: gated_relu(norm(x), gates),
+        separate=norm_then_gated_relu,
         dense=lambda x, norm, gates: torch.relu_(norm(x)))
     times = {name: [0.0] * args.repeats for name in ways}
     for i in range(args.warmup + args.repeats):
