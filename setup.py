@@ -17,9 +17,9 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache License 2.0',
     packages=find_packages(exclude=('tests', 'configs', 'tools')),
-    # C and C++ sources compiled on first use (mmgated/ops/native.py and
-    # training_nodes.py).
-    package_data={'mmgated.ops': ['csrc/*.c', 'csrc/*.cpp']},
+    # The skip-execution CPU kernel, compiled on first use
+    # (mmgated/ops/native.py).
+    package_data={'mmgated.ops': ['csrc/*.c']},
     python_requires='>=3.8',
     # The ranges below are those tested together (docs/install.md). mmcv must
     # be a build with its compiled ops (tools/setup_env.sh makes one).
@@ -34,8 +34,6 @@ setup(
         'opencv-python',
         'scipy',
         'matplotlib',
-        # Builds the C++ training nodes (mmgated/ops/training_nodes.py).
-        'ninja',
         # mmseg 1.2.2 imports these without declaring them.
         'ftfy',
         'regex',

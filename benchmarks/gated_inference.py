@@ -9,7 +9,8 @@ load changes of the machine hit all of them alike:
 * ``mask``: the gated backbone in mask execution (all channels computed,
   closed ones multiplied by 0);
 * ``skip``: the gated backbone in skip execution (open channels only, see
-  :mod:`mmgated.models.skip_execution`).
+  :mod:`mmgated.models.skip_execution`) with the backend of ``--backend``;
+  ``--other-backends`` times copies with other backends side by side.
 
 The gates are forced open at random with a fixed seed at each density of
 ``--densities`` (the same pattern for mask and skip), and, with
@@ -82,9 +83,8 @@ MODELS = OrderedDict(
 
 # How forced gates are drawn (see --pattern).
 PATTERNS = ('independent', 'exact')
-# Other ways to compute skip execution's weight-bound convolutions (see
-# --weight-bound).
-WEIGHT_BOUND_WAYS = ('pytorch', 'onednn')
+# Skip execution's backends (see mmgated.models.skip_backends).
+BACKENDS = ('auto', 'torch', 'compiled')
 
 
 def parse_args(argv=None):
@@ -125,23 +125,14 @@ def parse_args(argv=None):
         'the gates it would output (the same pattern, precomputed): skip '
         'execution without the cost of the gating modules')
     parser.add_argument(
-        '--weight-bound', nargs='+', default=[], choices=WEIGHT_BOUND_WAYS,
-        help='also time skip execution with its weight-bound convolutions '
-        "(a single sample's small maps) computed another way: 'pytorch' "
-        "(gathers and one matrix product, gathered_gemm's fallback) or "
-        "'onednn' (gathers and oneDNN, as larger maps), instead of the "
-        'compiled gathered_gemm')
+        '--backend', choices=BACKENDS, default='auto',
+        help="skip execution's backend: 'torch' (gathers and PyTorch "
+        "convolutions), 'compiled' (mmgated's compiled kernels for single "
+        "CPU samples) or 'auto' (default: compiled on a CPU with their "
+        'AVX-512 tiles, else torch)')
     parser.add_argument(
-        '--no-direct', action='store_true',
-        help='also time skip execution without mmgated.ops.gathered_conv2d: '
-        "a single sample's stride-1 convolutions gather their open weights "
-        'and run by oneDNN (or gathered_gemm on small maps), as before it '
-        'existed')
-    parser.add_argument(
-        '--uncompiled', action='store_true',
-        help="also time skip execution without mmgated's compiled "
-        'operations (gating modules and convolutions in PyTorch '
-        'operations, as without a C compiler)')
+        '--other-backends', nargs='+', default=[], choices=BACKENDS[1:],
+        help='also time skip execution with these backends, side by side')
     parser.add_argument(
         '--gate-position', default='after_conv2',
         choices=['after_conv1', 'after_conv2', 'both'],
@@ -349,7 +340,7 @@ class GateControl:
             return None
         exact = exact_gates(tuple(gates.shape), self.density,
                             self.generator).to(gates)
-        module.output.gates = exact
+        module.output = module.output._replace(gates=exact)
         return exact
 
     def call(self, x, value, seed, given=None):
@@ -387,50 +378,19 @@ class GateControl:
                 for gate in self.gates}
 
 
-def patched(run, module, **values):
-    """``run`` with attributes of ``module`` set to ``values`` during each
-    call (see ``--weight-bound`` and ``--uncompiled``), restored after."""
-
-    def wrapped():
-        saved = {name: getattr(module, name) for name in values}
-        for name, value in values.items():
-            setattr(module, name, value)
-        try:
-            return run()
-        finally:
-            for name, value in saved.items():
-                setattr(module, name, value)
-
-    return wrapped
-
-
-def other_ways(args):
-    """The networks' variants that --weight-bound and --uncompiled ask for:
-    label -> (module, attributes to set)."""
-    from mmgated.models import skip_execution
-    from mmgated.ops import gathered_gemm_reference, native
-    ways = dict(
-        pytorch=(skip_execution, dict(gathered_gemm=gathered_gemm_reference)),
-        onednn=(skip_execution, dict(WEIGHT_BOUND_PIXELS=0)),
-        no_direct=(skip_execution._Plan,
-                   dict(direct=lambda plan, *args, **kwargs: False)),
-        uncompiled=(native, dict(_library=False)))
-    labels = args.weight_bound + ['no_direct'] * args.no_direct + [
-        'uncompiled'
-    ] * args.uncompiled
-    return {label: ways[label] for label in labels}
-
-
 def benchmark(name, device, batch_size, args):
     from mmgated.models import set_gate_execution
     dense, gated = build_pair(name, args)
-    # One gated copy per execution, switched once, so that no mode switch
-    # is timed.
-    skip = copy.deepcopy(gated)
-    set_gate_execution(gated, 'mask')
-    set_gate_execution(skip, 'skip')
-    for model in (dense, gated, skip):
+    # One gated copy per execution and backend, switched once, so that no
+    # mode switch is timed.
+    for model in (dense, gated):
         model.to(device)
+    set_gate_execution(gated, 'mask')
+    skips = {
+        way: set_gate_execution(copy.deepcopy(gated), 'skip', backend)
+        for way, backend in [('skip', args.backend)] +
+        [(f'skip_{b}', b) for b in args.other_backends]
+    }
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(batch_size, 3, args.size, args.size,
                     generator=gen).to(device)
@@ -438,18 +398,21 @@ def benchmark(name, device, batch_size, args):
                 for i, d in enumerate(args.densities)]
     if args.checkpoint:
         settings.append(('learned', None, None))
+    # What 'auto' resolved to, for the rows.
+    backend = next(m.skip_runner.backend.name
+                   for m in skips['skip'].modules()
+                   if getattr(m, 'skip_runner', None) is not None)
     mask_control = GateControl(gated, args.pattern)
-    skip_control = GateControl(skip, args.pattern)
+    controls = {way: GateControl(m, args.pattern) for way, m in skips.items()}
     networks = OrderedDict(dense=lambda: dense(x))
     for label, value, seed in settings:
         networks[f'mask {label}'] = mask_control.call(x, value, seed)
-        networks[f'skip {label}'] = skip_control.call(x, value, seed)
+        for way, control in controls.items():
+            networks[f'{way} {label}'] = control.call(x, value, seed)
         if args.given_gates:
+            skip_control = controls['skip']
             networks[f'given {label}'] = skip_control.call(
                 x, None, None, given=skip_control.record(x, value, seed))
-        for way, (module, values) in other_ways(args).items():
-            networks[f'{way} {label}'] = patched(
-                skip_control.call(x, value, seed), module, **values)
     times = time_networks(networks, device, args.repeats, args.warmup,
                           args.seed, args.clock)
     rows = []
@@ -466,8 +429,8 @@ def benchmark(name, device, batch_size, args):
                 given_ms=given_ms,
                 given_realized=(dense_ms / given_ms) / (dense_macs / macs))
         ways = {
-            f'{way}_ms': times[f'{way} {label}']['median']
-            for way in other_ways(args)
+            f'skip_{b}_ms': times[f'skip_{b} {label}']['median']
+            for b in args.other_backends
         }
         dense_all, skip_all = (times['dense']['all'],
                                times[f'skip {label}']['all'])
@@ -486,6 +449,7 @@ def benchmark(name, device, batch_size, args):
                 size=args.size,
                 device=str(device),
                 batch=batch_size,
+                backend=backend,
                 gates=label,
                 dense_ms=dense_ms,
                 mask_ms=mask_ms,
@@ -538,25 +502,22 @@ def markdown(rows):
     extra = ' skip, given gates ms | realized, given gates |' if given \
         else ''
     ways = [
-        w for w in WEIGHT_BOUND_WAYS + ('no_direct', 'uncompiled')
-        if any(f'{w}_ms' in r for r in rows)
+        f'skip_{b}' for b in BACKENDS[1:]
+        if any(f'skip_{b}_ms' in r for r in rows)
     ]
-    titles = dict(no_direct='skip, no direct convs ms',
-                  uncompiled='skip, uncompiled ms')
-    extra += ''.join(
-        f' {titles.get(w, f"skip, weight-bound by {w} ms")} |'
-        for w in ways)
+    extra += ''.join(f' skip, {w[5:]} backend ms |' for w in ways)
     lines = [
-        '| model | input | device | batch | gates open | dense ms | '
-        'mask ms | skip ms | MAC ratio | dense/skip | realized | '
+        '| model | input | device | batch | skip backend | gates open | '
+        'dense ms | mask ms | skip ms | MAC ratio | dense/skip | realized | '
         'skip/dense | paired realized [95 % CI] | paired skip/dense '
         '[95 % CI] |' + extra,
-        '|---|---|---|---:|---|' + '---:|' * 9 +
+        '|---|---|---|---:|---|---|' + '---:|' * 9 +
         ('---:|---:|' if given else '') + '---:|' * len(ways)
     ]
     for r in rows:
         line = (f'| {r["model"]} | {r["size"]}x{r["size"]} | '
-                f'{r["device"]} | {r["batch"]} | {r["gates"]} | '
+                f'{r["device"]} | {r["batch"]} | {r["backend"]} | '
+                f'{r["gates"]} | '
                 f'{r["dense_ms"]:.1f} | {r["mask_ms"]:.1f} | '
                 f'{r["skip_ms"]:.1f} | {r["mac_ratio"]:.3f} | '
                 f'{r["speedup"]:.2f} | {r["realized"]:.2f} | '

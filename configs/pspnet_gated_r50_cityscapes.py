@@ -23,6 +23,9 @@ val_evaluator = [
     dict(type='GateMetric')
 ]
 test_evaluator = val_evaluator
+# Gives GateMetric the model it counts MACs with (a default hook, so that a
+# config that replaces custom_hooks keeps it).
+default_hooks = dict(gate_metric=dict(type='GateMetricHook'))
 
 # Paper: "Weight decay for the layers in the gating units was set to 1e-6"
 # (1e-4 x 0.01).

@@ -23,6 +23,9 @@ model = dict(
 # Report the MAC ratio and the gate categories next to the accuracy.
 val_evaluator = [dict(type='Accuracy', topk=(1, 5)), dict(type='GateMetric')]
 test_evaluator = val_evaluator
+# Gives GateMetric the model it counts MACs with (a default hook, so that a
+# config that replaces custom_hooks keeps it).
+default_hooks = dict(gate_metric=dict(type='GateMetricHook'))
 # Paper (CIFAR-10, "similar settings" on ImageNet): no weight decay on the
 # gating modules.
 optim_wrapper = dict(

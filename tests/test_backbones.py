@@ -8,14 +8,11 @@ from mmpretrain.models.backbones import ResNetV1c as ClsResNetV1c
 from mmseg.models.backbones import ResNet as SegResNet
 from mmseg.models.backbones import ResNetV1c as SegResNetV1c
 
-from mmgated.models import blocks as blocks_module
-from mmgated.models import (ChannelGate, GatedResNetCifar, GateOutput,
-                            ResNetCifar,
+from mmgated.models import (ChannelGate, GatedResNetCifar, ResNetCifar,
                             clear_gates, collect_gates, force_gates,
                             gate_modules)
 from mmgated.models.backbones import mmpretrain_resnet as cls_gated
 from mmgated.models.backbones import mmseg_resnet as seg_gated
-from mmgated.models.gated_relu import gated_relu
 
 PSP_D8 = dict(
     num_stages=4,
@@ -69,17 +66,7 @@ def _pair(dense_cls, gated_cls, kwargs, **gated_kwargs):
 @pytest.mark.parametrize('dense_cls,gated_cls,kwargs,size', PAIRS)
 @pytest.mark.parametrize('training', [True, False])
 def test_all_gates_open_equals_dense(dense_cls, gated_cls, kwargs, size,
-                                     training, monkeypatch):
-    if training:
-        # In training the gated maps' batch norm runs inside one node with
-        # the gated ReLU, equal to the modules up to rounding
-        # (test_training_ops). Batch norms over two values per channel (2
-        # samples of 1x1 maps here) amplify rounding from layer to layer,
-        # so that two exact-to-rounding paths part after 50 of them: the
-        # modules compute the gated maps here, which tests the wiring.
-        monkeypatch.setattr(
-            blocks_module, 'batch_norm_gated_relu',
-            lambda x, norm, gates: gated_relu(norm(x), gates))
+                                     training):
     dense, gated = _pair(dense_cls, gated_cls, kwargs)
     dense.train(training)
     gated.train(training)
@@ -188,58 +175,36 @@ def test_eval_is_deterministic_and_draws_no_noise():
         assert torch.equal(out.gates, (out.logits > 0).float())
 
 
-@pytest.mark.parametrize('norm_cfg,dtype', [
-    (dict(type='BN'), torch.float32),
-    (dict(type='BN', affine=False), torch.float32),
-    (dict(type='BN'), torch.float64),
-    (dict(type='GN', num_groups=4), torch.float32)])
-def test_inference_gate_equals_eval_forward_with_autograd(norm_cfg, dtype):
-    """Under no_grad an eval gate folds its BN into fc1 and leaves probs and
-    relaxed to be computed when read; the result equals the plain eval
-    forward."""
-    gate = ChannelGate(8, 32, norm_cfg=norm_cfg).to(dtype)
+@pytest.mark.parametrize('training', [True, False])
+def test_gating_module_is_pool_fc_bn_relu_fc(training):
+    """Section 4.1 computed by hand in float64: global average pool, FC to
+    16, BN, ReLU, FC; hard gates logit > 0 in eval mode."""
+    gate = ChannelGate(8, 32).double()
     with torch.no_grad():
         for p in gate.parameters():
             p.normal_()
-        if norm_cfg['type'] == 'BN':
-            gate.norm.running_mean.normal_()
-            gate.norm.running_var.uniform_(0.5, 2.0)
-    gate.eval()
-    x = torch.randn(5, 8, 3, 3, dtype=dtype)
-    reference = gate(x)
-    expected = gate.output
-    with torch.no_grad():
-        fast = gate(x)
-        out = gate.output
-        assert out._probs is None and out._relaxed is None
-        torch.testing.assert_close(out.logits, expected.logits.detach())
-        assert torch.equal(fast, reference.detach())
-        torch.testing.assert_close(out.probs, expected.probs.detach())
-        torch.testing.assert_close(out.relaxed, expected.relaxed.detach())
-        if norm_cfg['type'] == 'BN':
-            # The folded weights follow in-place updates of the BN.
-            gate.norm.running_var.mul_(4.0)
-            gate(x)
-            stale = gate.output.logits
-    if norm_cfg['type'] == 'BN':
-        gate(x)
-        torch.testing.assert_close(stale, gate.output.logits.detach())
-        # And a replaced parameter (new storage, version 0).
-        gate.fc2.bias = torch.nn.Parameter(gate.fc2.bias.detach() + 1.0)
-        with torch.no_grad():
-            gate(x)
-            replaced = gate.output.logits
-        gate(x)
-        torch.testing.assert_close(replaced, gate.output.logits.detach())
-        torch.testing.assert_close(replaced, stale + 1.0)
-
-
-def test_gate_output_needs_tau_for_missing_values():
-    logits = torch.randn(2, 3)
-    with pytest.raises(ValueError, match='tau'):
-        GateOutput(logits, None, None, (logits > 0).float())
-    out = GateOutput(logits, None, None, (logits > 0).float(), tau=0.5)
-    torch.testing.assert_close(out.relaxed, torch.sigmoid(logits / 0.5))
+        gate.norm.running_mean.normal_()
+        gate.norm.running_var.uniform_(0.5, 2.0)
+    gate.train(training)
+    x = torch.randn(6, 8, 5, 3, dtype=torch.float64)
+    bn = gate.norm
+    hidden = x.mean((2, 3)) @ gate.fc1.weight.t()
+    if training:
+        mean, var = hidden.mean(0), hidden.var(0, unbiased=False)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    hidden = (hidden - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+    logits = hidden.clamp_min(0) @ gate.fc2.weight.t() + gate.fc2.bias
+    gates = gate(x)
+    out = gate.output
+    torch.testing.assert_close(out.logits, logits)
+    torch.testing.assert_close(out.probs, torch.sigmoid(logits))
+    assert out.input_size == (5, 3)
+    if not training:
+        assert torch.equal(gates, (logits > 0).double())
+        torch.testing.assert_close(out.relaxed,
+                                   torch.sigmoid(logits / gate.tau))
+    assert set(gates.unique().tolist()) <= {0.0, 1.0}
 
 
 def test_training_draws_binary_concrete_samples():

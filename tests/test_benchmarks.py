@@ -138,309 +138,55 @@ def test_gated_inference_target_verdicts():
             ] == ['met', 'undecided', 'not met']
 
 
-def test_other_ways(monkeypatch):
-    """--weight-bound, --no-direct and --uncompiled time skip execution
-    with parts of the library swapped or switched off, and put the library
-    back as it was after each call."""
-    from mmgated.models import skip_execution
-    native = importlib.import_module('mmgated.ops.native')
-    original_direct = skip_execution._Plan.direct
-    # (the gathered product used, compiled operations on, direct convs on)
-    products = []
-    original_product = skip_execution._Plan._gathered_product
-
-    def product(plan, j, h, *args):
-        products.append((skip_execution.gathered_gemm.__name__,
-                         native._library is not False,
-                         type(plan).direct is original_direct))
-        return original_product(plan, j, h, *args)
-
-    monkeypatch.setattr(skip_execution._Plan, '_gathered_product', product)
-    # Whether _Plan.direct was switched off when a layer ran, and when
-    # gathered_conv2d ran.
-    layers, direct_convs = [], []
-    original_layer = skip_execution._Plan.sparse_layer
-    original_conv = skip_execution.gathered_conv2d_unchecked
-
-    def sparse_layer(plan, *args):
-        layers.append(type(plan).direct is not original_direct)
-        return original_layer(plan, *args)
-
-    def conv(*args, **kwargs):
-        direct_convs.append(skip_execution._Plan.direct is not
-                            original_direct)
-        return original_conv(*args, **kwargs)
-
-    monkeypatch.setattr(skip_execution._Plan, 'sparse_layer', sparse_layer)
-    monkeypatch.setattr(skip_execution, 'gathered_conv2d_unchecked', conv)
-    compiled_gates = []
-    original_record = ChannelGate._record
-
-    def record(gate, logits, probs, relaxed, gates):
-        compiled_gates.append(native._library is not False)
-        return original_record(gate, logits, probs, relaxed, gates)
-
-    monkeypatch.setattr(ChannelGate, '_record', record)
+def test_other_backends():
+    """--backend picks skip execution's backend and --other-backends times
+    copies with others side by side (each equal to mask execution, see
+    tests/test_skip_execution.py)."""
+    from mmgated.ops import native_available
+    if not native_available():
+        pytest.skip('no C compiler: no compiled backend')
     rows = gated_inference.main([
         '--models', 'resnet34', '--batch-sizes', '1', '--size', '32',
         '--repeats', '1', '--warmup', '0', '--densities', '0.5',
-        '--threads', '1', '--weight-bound', 'pytorch', 'onednn',
-        '--no-direct', '--uncompiled'
+        '--threads', '1', '--backend', 'torch', '--other-backends',
+        'compiled'
     ])
-    # --uncompiled runs its gating modules with the library switched off,
-    # and switches it back on.
-    assert False in compiled_gates and native._library is not False
-    # 'pytorch' swaps the product of the strided small convs, as many calls
-    # as with the compiled one; without direct convs and uncompiled (with
-    # the compiled product's fallback inside), the small stride-1 convs run
-    # as the product too.
-    compiled = products.count(('gathered_gemm', True, True))
-    assert compiled > 0 and products.count(
-        ('gathered_gemm_reference', True, True)) == compiled
-    assert products.count(('gathered_gemm', True, False)) > compiled
-    assert products.count(('gathered_gemm', False, True)) > compiled
-    # --no-direct ran layers without ever reaching gathered_conv2d.
-    assert True in layers and direct_convs and True not in direct_convs
-    assert skip_execution.gathered_gemm.__name__ == 'gathered_gemm'
-    assert skip_execution.WEIGHT_BOUND_PIXELS == 64
-    assert skip_execution._Plan.direct is original_direct
     row, = rows
-    for way in ('pytorch', 'onednn', 'no_direct', 'uncompiled'):
-        assert row[f'{way}_ms'] > 0
+    assert row['backend'] == 'torch'
+    assert row['skip_ms'] > 0 and row['skip_compiled_ms'] > 0
     table = gated_inference.markdown(rows)
-    assert ('weight-bound by pytorch ms | skip, weight-bound by onednn ms '
-            '| skip, no direct convs ms | skip, uncompiled ms |') in table
+    assert '| skip, compiled backend ms |' in table
     assert len(table.splitlines()[1].split('|')) == len(
         table.splitlines()[2].split('|'))
+    with pytest.raises(SystemExit):
+        gated_inference.parse_args(['--backend', 'onednn'])
 
 
 def test_gathered_conv_rows(monkeypatch):
     """benchmarks/gathered_conv.py times each ResNet-34 stage's conv three
-    ways, output- and input-gated, and refuses to run without the compiled
-    operations (there would be nothing to compare)."""
+    ways, output- and input-gated, and refuses the compiled backend where
+    its kernels do not build."""
     from mmgated.ops import native_available
-    if not native_available():
-        pytest.skip('no C compiler')
-    rows = gathered_conv.main(
-        ['--fractions', '0.5', '--repeats', '1', '--copies', '1',
-         '--threads', '1'])
-    assert [(r['channels'], r['gated']) for r in rows] == [
-        (c, g) for c, _ in gathered_conv.STAGES for g in ('output', 'input')]
-    for r in rows:
-        assert r['open'] == r['channels'] // 2
-        assert min(r['dense_ms'], r['gathered_ms'], r['direct_ms']) > 0
-        assert r['direct_vs_dense'] == pytest.approx(r['direct_ms'] /
-                                                     r['dense_ms'])
-    assert len(gathered_conv.markdown(rows).splitlines()) == 2 + len(rows)
+    backends = ['torch'] + ['compiled'] * native_available()
+    for backend in backends:
+        rows = gathered_conv.main(
+            ['--fractions', '0.5', '--repeats', '1', '--copies', '1',
+             '--threads', '1', '--backend', backend])
+        assert [(r['channels'], r['gated']) for r in rows] == [
+            (c, g) for c, _ in gathered_conv.STAGES
+            for g in ('output', 'input')]
+        for r in rows:
+            assert r['open'] == r['channels'] // 2
+            assert r['backend'] == backend
+            assert min(r['dense_ms'], r['gathered_ms'], r['backend_ms']) > 0
+            assert r['backend_vs_dense'] == pytest.approx(r['backend_ms'] /
+                                                          r['dense_ms'])
+        assert len(gathered_conv.markdown(rows).splitlines()) == 2 + len(
+            rows)
     monkeypatch.setattr(importlib.import_module('mmgated.ops.native'),
                         '_library', False)
-    with pytest.raises(SystemExit, match='not available'):
+    with pytest.raises(SystemExit, match="'compiled' needs"):
         gathered_conv.main(['--repeats', '1'])
-
-
-def test_train_overhead_row():
-    args = train_overhead.parse_args([
-        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
-        '1', '--warmup', '0', '--threads', '1'
-    ])
-    torch.set_num_threads(1)
-    row = train_overhead.benchmark(18, args, torch.device('cpu'))
-    assert row['overhead'] == pytest.approx(row['gated_ms'] / row['dense_ms'])
-    assert 0 < row['gate_loss_ms'] < row['gated_ms']
-    assert row['gate_loss_backward_ms'] > 0
-    assert 0 < row['gated_forward_ms'] < row['gated_ms']
-    assert 0 < row['dense_forward_ms'] < row['dense_ms']
-    assert row['forward_overhead'] == pytest.approx(
-        row['gated_forward_ms'] / row['dense_forward_ms'])
-    assert row['backward_overhead'] > 0
-    # One round: the paired medians are that round's ratios, undecided.
-    assert row['paired_overhead'] == pytest.approx(row['overhead'])
-    assert row['paired_loss_share'] == pytest.approx(
-        row['gate_loss_fwd_bwd_share'])
-    assert row['overhead_target'] == row['loss_share_target'] == 'undecided'
-    assert row['dense_faults'] >= 0 and row['gated_faults'] >= 0
-    lines = train_overhead.markdown([row]).splitlines()
-    assert len(lines) == 3
-    assert {line.count('|') for line in lines} == {19}
-
-
-def test_train_overhead_unfused():
-    """``--unfused`` times the earlier rounds' gated step in the same run,
-    and leaves the library as it was."""
-    import mmgated.models.blocks as blocks
-    import mmgated.models.gates as gates
-    from mmgated.models import collect_gates
-    from mmgated.models.backbones.mmpretrain_resnet import GatedResNet
-    fused_functions = (gates.fused_training_gate,
-                       blocks.batch_norm_gated_relu)
-    model = GatedResNet(depth=18).train()
-    x = torch.randn(2, 3, 32, 32)
-    with train_overhead.unfused():
-        model(x)
-        names = {type(o.logits.grad_fn).__name__
-                 for o in collect_gates(model).values()}
-    assert names == {'AddmmBackward0'}
-    assert (gates.fused_training_gate,
-            blocks.batch_norm_gated_relu) == fused_functions
-    model(x)
-    names = {o.logits.grad_fn.name() for o in collect_gates(model).values()}
-    assert names == {fused_gate_node()}
-
-    args = train_overhead.parse_args([
-        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
-        '1', '--warmup', '0', '--threads', '1', '--unfused'
-    ])
-    torch.set_num_threads(1)
-    row = train_overhead.benchmark(18, args, torch.device('cpu'))
-    assert row['unfused_overhead'] == pytest.approx(row['unfused_ms'] /
-                                                    row['dense_ms'])
-    assert row['unfused_forward_overhead'] > 0
-    # One round: the paired ratio is that round's.
-    assert row['gated_vs_unfused'] == pytest.approx(row['gated_ms'] /
-                                                    row['unfused_ms'])
-    lines = train_overhead.markdown([row]).splitlines()
-    assert {line.count('|') for line in lines} == {23}
-
-
-def fused_gate_node():
-    """The autograd node of a fused training gate here: C++ where the
-    extension builds."""
-    from mmgated.ops.training_nodes import training_nodes
-    return ('torch::autograd::CppNode<mmgated::TrainingGate>'
-            if training_nodes() is not None else '_TrainingGateBackward')
-
-
-def test_train_overhead_python_nodes():
-    """``--python-nodes`` times the gated step with the Python autograd
-    Functions in the same run, and leaves the C++ nodes in place."""
-    from mmgated.models import collect_gates
-    from mmgated.models.backbones.mmpretrain_resnet import GatedResNet
-    from mmgated.ops import training_nodes as nodes
-    before = nodes._extension
-    model = GatedResNet(depth=18).train()
-    x = torch.randn(2, 3, 32, 32)
-    with train_overhead.python_nodes():
-        model(x)
-        names = {o.logits.grad_fn.name()
-                 for o in collect_gates(model).values()}
-    assert names == {'_TrainingGateBackward'}
-    assert nodes._extension is before
-
-    args = train_overhead.parse_args([
-        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
-        '2', '--warmup', '0', '--threads', '1', '--python-nodes', '--unfused'
-    ])
-    torch.set_num_threads(1)
-    row = train_overhead.benchmark(18, args, torch.device('cpu'))
-    assert len(row['python_nodes_all_ms']) == 2
-    assert row['python_nodes_overhead'] == pytest.approx(
-        row['python_nodes_ms'] / row['dense_ms'])
-    low, high = row['gated_vs_python_nodes_low'], \
-        row['gated_vs_python_nodes_high']
-    assert low is None and high is None  # two rounds decide nothing
-    lines = train_overhead.markdown([row]).splitlines()
-    assert 'paired gated/unfused' in lines[0]
-    assert lines[0].index('unfused') < lines[0].index('python_nodes')
-    assert {line.count('|') for line in lines} == {27}
-
-
-def test_train_overhead_separate_norm():
-    """``--separate-norm`` times the gated step with PyTorch's batch norm
-    and the gated ReLU as two nodes in the same run, and leaves the
-    library's one node in place."""
-    import mmgated.models.blocks as blocks
-    from mmgated.models.backbones.mmpretrain_resnet import GatedResNet
-    from mmgated.ops.native import native_available
-    if not native_available():
-        pytest.skip('no C compiler: no batch-norm gated ReLU node')
-    fused = blocks.batch_norm_gated_relu
-    model = GatedResNet(depth=18).train()
-    activations = []
-    model.layer1[0].conv2.register_forward_pre_hook(
-        lambda module, inputs: activations.append(inputs[0].grad_fn.name()))
-    x = torch.randn(2, 3, 32, 32)
-    with train_overhead.separate_norm():
-        model(x)
-    model(x)
-    assert blocks.batch_norm_gated_relu is fused
-    assert 'BatchNorm' not in activations[0]  # the gated ReLU's node
-    assert 'BatchNormGatedReLU' in activations[1]
-
-    args = train_overhead.parse_args([
-        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
-        '1', '--warmup', '0', '--threads', '1', '--separate-norm'
-    ])
-    torch.set_num_threads(1)
-    row = train_overhead.benchmark(18, args, torch.device('cpu'))
-    assert row['gated_vs_separate_norm'] == pytest.approx(
-        row['gated_ms'] / row['separate_norm_ms'])
-    lines = train_overhead.markdown([row]).splitlines()
-    assert 'paired gated/separate_norm' in lines[0]
-
-
-def test_train_overhead_norms_only(tmp_path):
-    """``--norms-only`` times the gated maps' norm and activation three
-    ways on the maps of one forward (one per basic block)."""
-    out = tmp_path / 'norms.json'
-    rows = train_overhead.main([
-        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
-        '3', '--warmup', '1', '--threads', '1', '--norms-only', '--out',
-        str(out)
-    ])
-    (row, ) = rows
-    assert row['gates'] == 8
-    assert min(row['fused_ms'], row['separate_ms'], row['dense_ms']) > 0
-    assert row['fused_vs_dense_low'] is None  # three rounds decide nothing
-    assert 0 < row['fused_vs_separate'] < 10
-    lines = train_overhead.norms_markdown(rows).splitlines()
-    assert len(lines) == 3
-    assert lines[2].startswith('| resnet18 | 32x32 | 2 | 8 | cpu |')
-    assert {line.count('|') for line in lines} == {11}
-    with pytest.raises(SystemExit, match='choose one'):
-        train_overhead.parse_args(['--norms-only', '--gates-only'])
-
-
-def test_train_overhead_losses_only(tmp_path):
-    out = tmp_path / 'losses.json'
-    rows = train_overhead.main([
-        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
-        '2', '--warmup', '1', '--threads', '1', '--losses-only', '--out',
-        str(out)
-    ])
-    (row, ) = rows
-    assert row['gates'] == 2 * (64 + 128 + 256 + 512)  # one per block
-    assert row['gate_losses_ms'] > 0 and row['batch_shaping_fwd_bwd_ms'] > 0
-    lines = train_overhead.losses_markdown(rows).splitlines()
-    assert len(lines) == 3 and lines[2].startswith('| resnet18 | 2 | 1920 |')
-    assert out.exists()
-
-
-def test_train_overhead_gates_only(monkeypatch):
-    """``--gates-only`` times every gating module's forward and backward on
-    the input it had in the model (a module that saw another shape fails
-    here)."""
-    from mmgated.models.gates import ChannelGate
-    seen = []
-    forward = ChannelGate.forward
-
-    def recording_forward(gate, x):
-        seen.append((gate.in_channels, x.shape[1], x.is_leaf))
-        return forward(gate, x)
-
-    monkeypatch.setattr(ChannelGate, 'forward', recording_forward)
-    rows = train_overhead.main([
-        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
-        '2', '--warmup', '1', '--threads', '1', '--gates-only'
-    ])
-    (row, ) = rows
-    assert row['gates'] == 8  # one per basic block
-    assert row['gates_forward_ms'] > 0 and row['gates_backward_ms'] > 0
-    timed = [s for s in seen if s[2]]  # the leaves made for the timing
-    assert len(timed) == 8 * 3 and all(c == x for c, x, _ in timed)
-    lines = train_overhead.gates_markdown(rows).splitlines()
-    assert len(lines) == 3 and lines[2].startswith('| resnet18 | 2 | 8 |')
-    with pytest.raises(SystemExit, match='choose one'):
-        train_overhead.parse_args(['--gates-only', '--losses-only'])
 
 
 def test_gated_inference_learned_gates_from_checkpoint(tmp_path):
@@ -481,101 +227,197 @@ def test_gated_inference_checkpoint_without_gates(tmp_path):
         ])
 
 
-def test_train_overhead_recipe_optimizer():
-    """``--optimizer recipe`` steps each model with the recipe's optimizer:
-    merged groups for the gated model, one group per parameter for
-    ``--per-param-groups``, the baseline's single group for the dense."""
-    args = train_overhead.parse_args([
-        '--depths', '18', '--size', '32', '--batch-size', '2', '--repeats',
-        '1', '--warmup', '0', '--threads', '1', '--optimizer', 'recipe',
-        '--per-param-groups'
+# benchmarks/train_overhead.py
+
+
+def test_train_overhead_eager_run(tmp_path, capsys):
+    """A tiny eager run prints the table and the verdicts, and writes the
+    timings and ratios (2 rounds: no interval, every target undecided)."""
+    import json
+    out = tmp_path / 'train.json'
+    results = train_overhead.main([
+        '--depths', '18', '--size', '32', '--batch-size', '2', '--rounds',
+        '2', '--warmup', '1', '--threads', '1', '--no-compile', '--out',
+        str(out)
     ])
-    dense, gated = train_overhead.build_models(18, torch.device('cpu'), 0)
-    groups = {
-        name: train_overhead.build_optimizer(model, name, args.optimizer,
-                                             18).param_groups
-        for name, model in (('dense', dense), ('gated', gated),
-                            ('per_param_groups', gated))
-    }
-    assert len(groups['dense']) == 1
-    assert len(groups['gated']) == 2
-    assert len(groups['per_param_groups']) == len(list(gated.parameters()))
-    assert groups['gated'][0]['lr'] == groups['dense'][0]['lr'] == 0.1
-    gate_decay = {
-        id(p): group['weight_decay']
-        for group in groups['gated'] for p in group['params']
-    }
+    printed = capsys.readouterr().out
+    assert f'torch {torch.__version__}, 1 threads' in printed.splitlines()[0]
+    table = [line for line in printed.splitlines() if line.startswith('|')]
+    assert table[0] == '| | resnet18 |'
+    assert [line.split(' | ')[0] for line in table[2:]] == [
+        '| dense, ms', '| gated, ms', '| gate losses, ms',
+        '| gated/dense, eager', '| gate losses / gated step, %'
+    ]
+    assert printed.splitlines()[-2:] == [
+        '* resnet18: gated/dense, eager <= 1.1: undecided '
+        f"({results[0]['ratios']['eager_gated_vs_dense']['median']:.3f})",
+        '* resnet18: gate losses / gated step <= 1 %: undecided '
+        f"({100 * results[0]['ratios']['gate_loss_share']['median']:.2f} %)"
+    ]
+    saved = json.loads(out.read_text())
+    result, = saved['results']
+    times = result['times_s']
+    assert set(times) == {'dense', 'gated', 'gate_losses'}
+    assert all(len(t) == 2 for t in times.values())
+    assert len(result['warmup_s']['gated']) == 1
+    assert result['dynamo'] == {} and result['recompiled_in_rounds'] == 0
+    ratios = result['ratios']
+    assert set(ratios) == {'eager_gated_vs_dense', 'gate_loss_share'}
+    assert ratios['eager_gated_vs_dense']['median'] == pytest.approx(
+        sum(g / d for g, d in zip(times['gated'], times['dense'])) / 2)
+    assert 0 < ratios['gate_loss_share']['median'] < 1
+    assert ratios['gate_loss_share']['low'] is None
+    assert [v['verdict'] for v in saved['verdicts']] == ['undecided'] * 2
+    assert saved['environment']['threads'] == 1
+
+
+def test_train_overhead_models():
+    """The recipe's models and optimizer wrappers: the same weights where
+    they share them, both gate losses on, merged groups for the gated
+    model; the compiled ones are copies whose train_step is compiled."""
+    models = train_overhead.build_models(18, compile_cfg=dict(
+        backend='eager'))
+    assert list(models) == list(train_overhead.MODELS)
+    dense, gated = models['dense'][0], models['gated'][0]
+    assert type(dense).__name__ == 'ImageClassifier'
+    assert type(gated.backbone).__name__ == 'GatedResNet'
+    assert gated.batch_shaping_loss.loss_weight == 0.75
+    assert gated.l0_loss.loss_weight == train_overhead.L0_WEIGHT > 0
+    gated_state = gated.state_dict()
+    for name, value in dense.state_dict().items():
+        assert torch.equal(gated_state[name], value)
+    groups = {name: wrapper.optimizer.param_groups
+              for name, (_, wrapper) in models.items()}
+    assert len(groups['dense']) == len(groups['dense_compiled']) == 1
+    assert len(groups['gated']) == len(groups['gated_compiled']) == 2
+    assert {g['momentum'] for gs in groups.values() for g in gs} == {0.9}
+    decay = {id(p): g['weight_decay'] for g in groups['gated']
+             for p in g['params']}
     for name, param in gated.named_parameters():
-        assert gate_decay[id(param)] == (0.0 if '.gate' in name else 1e-4)
-
-    torch.set_num_threads(1)
-    row = train_overhead.benchmark(18, args, torch.device('cpu'))
-    assert row['optimizer'] == 'recipe'
-    assert row['gated_vs_per_param_groups'] == pytest.approx(
-        row['gated_ms'] / row['per_param_groups_ms'])
-    with pytest.raises(SystemExit, match='--optimizer recipe'):
-        train_overhead.parse_args(['--per-param-groups'])
+        assert decay[id(param)] == (0.0 if '.gate' in name else 1e-4)
+    for name in ('dense', 'gated'):
+        compiled = models[f'{name}_compiled'][0]
+        assert 'train_step' in vars(compiled)  # the Runner's setattr
+        assert 'train_step' not in vars(models[name][0])
+        assert not any(p is q for p, q in zip(compiled.parameters(),
+                                              models[name][0].parameters()))
 
 
-def test_train_overhead_optimizer_only():
-    args = train_overhead.parse_args([
-        '--depths', '18', '--repeats', '3', '--warmup', '0', '--threads', '1',
-        '--optimizer-only'
-    ])
-    torch.set_num_threads(1)
-    row = train_overhead.optimizer_benchmark(18, args, torch.device('cpu'))
-    params = row['params']
-    assert params['gated'] == params['per_param_groups'] > params['dense']
-    assert row['groups'] == dict(
-        dense=1, gated=2, per_param_groups=params['gated'])
-    assert min(row['dense_ms'], row['gated_ms'],
-               row['per_param_groups_ms']) > 0
-    lines = train_overhead.optimizer_markdown([row]).splitlines()
-    assert len(lines) == 3
-    assert {line.count('|') for line in lines} == {11}
-    with pytest.raises(SystemExit, match='choose one'):
-        train_overhead.parse_args(['--optimizer-only', '--losses-only'])
+def test_train_overhead_compiled_step():
+    """The compiled path on a tiny model: train_step compiled as the Runner
+    does, stepped by time_rounds, trains the model (the benchmark's own
+    compile takes minutes here)."""
+    from mmengine.model import BaseModel
+    from mmengine.optim import build_optim_wrapper
+
+    class Tiny(BaseModel):
+
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 1)
+
+        def forward(self, inputs, data_samples=None, mode='loss'):
+            return dict(loss=self.fc(inputs).square().mean())
+
+    torch.manual_seed(0)
+    model = train_overhead.compile_train_step(Tiny(), {})
+    wrapper = build_optim_wrapper(
+        model, dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)))
+    before = model.fc.weight.detach().clone()
+    steps = train_overhead.make_steps(
+        {'tiny_compiled': (model, wrapper)},
+        dict(inputs=torch.randn(8, 4), data_samples=None))
+    assert model.train_step._torchdynamo_orig_callable.__func__ is \
+        BaseModel.train_step
+    warm, compiled = train_overhead.warm_up(steps, 2)
+    times = train_overhead.time_rounds(steps, rounds=2)
+    assert len(times['tiny_compiled']) == len(warm['tiny_compiled']) == 2
+    assert compiled['tiny_compiled']['graphs'] >= 1
+    assert not torch.equal(model.fc.weight, before)
 
 
-def test_keep_heap_sets_glibc_thresholds(monkeypatch):
-    """--keep-heap fixes glibc's mmap threshold (M_MMAP_THRESHOLD, -3) at
-    64 MiB and its trim threshold (M_TRIM_THRESHOLD, -1) at 1 GiB, and
-    stops the run where mallopt is missing or refuses. (Whether a freed
-    block is then reused without page faults depends on the heap's layout
-    in the process, which differs from run to run; the benchmark's fault
-    counts show the effect, docs/benchmarks.md.)"""
-    import ctypes
+def test_train_overhead_time_rounds_shuffles():
     calls = []
 
-    class FakeLibc:
+    def step(name):
+        def run():
+            calls.append(name)
+            return {name: len(calls)}
+        return run
 
-        def __init__(self, result):
-            self.result = result
-
-        def mallopt(self, option, value):
-            calls.append((option, value))
-            return self.result
-
-    monkeypatch.setattr(ctypes, 'CDLL', lambda name: FakeLibc(1))
-    train_overhead.keep_heap()
-    assert calls == [(-3, 64 << 20), (-1, 1 << 30)]
-
-    monkeypatch.setattr(ctypes, 'CDLL', lambda name: FakeLibc(0))
-    with pytest.raises(SystemExit, match=r'mallopt\(-3, 67108864\) failed'):
-        train_overhead.keep_heap()
-
-    monkeypatch.setattr(ctypes, 'CDLL', lambda name: object())
-    with pytest.raises(SystemExit, match="needs glibc's mallopt"):
-        train_overhead.keep_heap()
+    steps = {name: step(name) for name in 'abcd'}
+    warm, compiled = train_overhead.warm_up(steps, 1)
+    times = train_overhead.time_rounds(steps, rounds=6)
+    assert calls[:4] == list('abcd')  # the warm-up, in order
+    rounds = [calls[i:i + 4] for i in range(4, len(calls), 4)]
+    assert all(sorted(r) == list('abcd') for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1
+    assert warm == {name: [i + 1] for i, name in enumerate('abcd')}
+    assert compiled['a'] == dict(graphs=0, graph_breaks=0)
+    assert {k: len(v) for k, v in times.items()} == dict.fromkeys('abcd', 6)
 
 
-def test_keep_heap_runs_in_this_c_library():
-    """The real mallopt accepts both settings (in a child process: they
-    stay the process's for good)."""
-    import subprocess
-    import sys
-    subprocess.run([
-        sys.executable, '-c',
-        f'import sys; sys.path.insert(0, {BENCHMARKS!r}); '
-        'import train_overhead; train_overhead.keep_heap()'
-    ], check=True)
+def test_train_overhead_ratios_and_verdicts():
+    """Paired ratios, their intervals and verdicts on known numbers."""
+    rounds = 9  # at 95 %: the interval is the 2nd to the 8th value
+    times = dict(
+        dense=[1.0] * rounds,
+        gated=[1.0 + i / 100 for i in range(rounds)],  # 1.00 .. 1.08
+        gate_losses=[0.0102] * rounds,
+        dense_compiled=[0.5] * rounds,
+        gated_compiled=[0.5 * 1.06] * rounds)
+    ratios = train_overhead.summarize(times)
+    eager = ratios['eager_gated_vs_dense']
+    assert eager['median'] == pytest.approx(1.04)
+    assert (eager['low'], eager['high']) == pytest.approx((1.01, 1.07))
+    assert ratios['gated_compiled_vs_eager']['high'] == pytest.approx(
+        0.53 / 1.01)
+    assert ratios['dense_compiled_vs_eager']['median'] == 0.5
+    share = ratios['gate_loss_share']
+    assert (share['low'], share['high']) == pytest.approx((0.0102 / 1.07,
+                                                          0.0102 / 1.01))
+    results = [dict(model='resnet18', ratios=ratios, median_ms={},
+                    compile_s={})]
+    verdicts = train_overhead.target_verdicts(results)
+    assert [(v['ratio'], v['verdict']) for v in verdicts] == [
+        ('eager_gated_vs_dense', 'met'),
+        ('compiled_gated_vs_dense', 'not met'),
+        ('gate_loss_share', 'undecided'),
+    ]
+    assert [train_overhead.verdict_line(v) for v in verdicts] == [
+        'resnet18: gated/dense, eager <= 1.1: met (1.040 [1.010, 1.070])',
+        'resnet18: gated/dense, compiled <= 1.05: not met '
+        '(1.060 [1.060, 1.060])',
+        'resnet18: gate losses / gated step <= 1 %: undecided '
+        '(0.98 [0.95, 1.01] %)',
+    ]
+    # Without compiled timings, no compiled ratios and no verdict on them.
+    eager_only = train_overhead.summarize(
+        {k: v for k, v in times.items() if 'compiled' not in k})
+    assert set(eager_only) == {'eager_gated_vs_dense', 'gate_loss_share'}
+
+
+def test_train_overhead_markdown():
+    ratio = dict(median=1.062, low=1.051, high=1.07)
+    results = [
+        dict(model=f'resnet{d}',
+             median_ms=dict(dense=100.0, gated=106.2, dense_compiled=80.0,
+                            gated_compiled=82.0, gate_losses=0.5),
+             compile_s=dict(dense_compiled=60.2, gated_compiled=95.0),
+             dynamo=dict(dense_compiled=dict(graphs=3, graph_breaks=2),
+                         gated_compiled=dict(graphs=5, graph_breaks=4)),
+             ratios={key: ratio for key, *_ in train_overhead.RATIOS})
+        for d in (18, 34)
+    ]
+    lines = train_overhead.markdown(results).splitlines()
+    assert lines[0] == '| | resnet18 | resnet34 |'
+    assert len(lines) == 2 + 5 + 2 + 5
+    assert ('| graphs / graph breaks, dense; gated | 3 / 2; 5 / 4 | '
+            '3 / 2; 5 / 4 |') in lines
+    assert '| gated compiled, ms | 82.0 | 82.0 |' in lines
+    assert '| compile s, dense / gated | 60 / 95 | 60 / 95 |' in lines
+    assert ('| gated/dense, compiled | 1.062 [1.051, 1.070] | '
+            '1.062 [1.051, 1.070] |') in lines
+    assert lines[-1] == ('| gate losses / gated step, % | '
+                         '106.20 [105.10, 107.00] | '
+                         '106.20 [105.10, 107.00] |')

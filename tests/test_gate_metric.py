@@ -7,13 +7,20 @@ from mmengine.evaluator import Evaluator
 from mmengine.registry import init_default_scope
 
 import mmgated  # noqa: F401
-from mmgated.analysis import count_macs
+from mmgated.analysis import MacCounter, count_macs
 from mmgated.evaluation import (GateMetric, gate_categories,
                                 gate_open_counts, layer_categories, stage_of,
                                 summarize_gate_records)
 from mmgated.models import force_gates, gate_modules
 
 N = 200
+
+
+def bind(evaluator, model):
+    """What GateMetricHook does before a validation."""
+    for metric in evaluator.metrics:
+        if isinstance(metric, GateMetric):
+            metric.mac_counter = MacCounter(model)
 
 
 def synthetic_records():
@@ -113,19 +120,57 @@ def test_summarize_errors():
 
 
 def test_metric_process_and_prefix():
+    """process() keeps each sample's gate record; compute_metrics counts
+    its MACs with the counter the hook set (a stand-in here that returns
+    the synthetic figures)."""
     records, ratios = synthetic_records()
     metric = GateMetric()
-    samples = [dict(r, pred_label=torch.tensor([0])) for r in records]
+    samples = [
+        dict(gate_open=r['gate_open'], gate_input_sizes={'any': (4, 4)},
+             model_input_shape=(3, 8, 8), index=i,
+             pred_label=torch.tensor([0])) for i, r in enumerate(records)
+    ]
     samples.append(dict(pred_label=torch.tensor([1])))  # no gate record
     metric.process({}, samples)
     assert len(metric.results) == N
     assert metric.results[0]['gate_open']['backbone.layer1.0.gate'].dtype \
         == bool
+    with pytest.raises(RuntimeError, match='GateMetricHook'):
+        metric.compute_metrics(metric.results)
+    macs = iter(records)
+
+    def counter(record):
+        expected = next(macs)
+        for name, value in expected['gate_open'].items():
+            assert np.array_equal(record['gate_open'][name], value.numpy())
+        return dict(conditional_macs=expected['conditional_macs'],
+                    dense_macs=expected['dense_macs'])
+
+    metric.mac_counter = counter
     results = metric.evaluate(N)
     assert results['gates/mac_ratio'] == pytest.approx(ratios.mean())
     assert results['gates/layer2/gates_always_off'] == 0.5
     with pytest.raises(ValueError, match='threshold'):
         GateMetric(threshold=1.5)
+
+
+def test_hook_gives_the_metric_its_model():
+    from types import SimpleNamespace
+
+    from mmgated.analysis import MacCounter
+    from mmgated.engine import GateMetricHook
+    model = torch.nn.Linear(2, 2)
+    metric, other = GateMetric(), object()
+    evaluator = SimpleNamespace(metrics=[other, metric])
+    runner = SimpleNamespace(model=model,
+                             val_loop=SimpleNamespace(evaluator=evaluator),
+                             test_loop=None)
+    hook = GateMetricHook()
+    hook.before_test(runner)  # no test loop: nothing to bind
+    assert metric.mac_counter is None
+    hook.before_val(runner)
+    assert isinstance(metric.mac_counter, MacCounter)
+    assert metric.mac_counter.model is model
 
 
 # ----------------------------------------------------------------------------
@@ -186,6 +231,7 @@ def test_metric_in_mmseg_validation():
     batch = dict(inputs=images, data_samples=samples)
     evaluator = Evaluator([dict(type='IoUMetric'), dict(type='GateMetric')])
     evaluator.dataset_meta = dict(classes=('a', 'b', 'c', 'd'))
+    bind(evaluator, model)
     with force_gates(model, 0.5, seed=0):
         outputs = model.val_step(batch)
     evaluator.process(outputs, batch)
@@ -193,7 +239,9 @@ def test_metric_in_mmseg_validation():
     assert 'mIoU' in metrics
     assert EXPECTED_KEYS | stage_keys(['layer1', 'layer2', 'layer3',
                                        'layer4']) <= set(metrics)
-    ratios = [o.conditional_macs / o.dense_macs for o in outputs]
+    counter = MacCounter(model)
+    ratios = [counter(o.metainfo)['conditional_macs'] /
+              counter(o.metainfo)['dense_macs'] for o in outputs]
     assert metrics['gates/mac_ratio'] == pytest.approx(np.mean(ratios))
     assert metrics['gates/mac_ratio_std'] == pytest.approx(np.std(ratios))
     assert 0.1 < metrics['gates/mac_ratio'] < 0.9
@@ -246,6 +294,7 @@ def test_metric_in_mmpretrain_validation():
     batch = dict(inputs=images, data_samples=samples)
     evaluator = Evaluator([dict(type='Accuracy', topk=(1, )),
                            dict(type='GateMetric', threshold=0.9)])
+    bind(evaluator, model)
     outputs = model.val_step(batch)
     evaluator.process(outputs, batch)
     metrics = evaluator.evaluate(4)

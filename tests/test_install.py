@@ -43,16 +43,18 @@ def test_resume_shim_reproduces_and_prevents_the_failure(tmp_path):
     without = run_python(load)
     assert without.returncode != 0
     assert 'Weights only load failed' in without.stderr
-    with_shim = run_python('import mmgated\n' + textwrap.dedent(load))
+    # With the shim, mmengine's loader resumes; the shim is narrow: plain
+    # torch.load still refuses these types (one process for both).
+    with_shim = run_python('import mmgated, torch\n' + textwrap.dedent(load) +
+                           textwrap.dedent(f"""
+        try:
+            torch.load({path!r})
+        except Exception as error:
+            print('plain load refused:', 'Weights only load failed' in str(error))
+    """))
     assert with_shim.returncode == 0, with_shim.stderr
     assert 'loaded 0.5' in with_shim.stdout
-    # The shim is narrow: plain torch.load still refuses these types.
-    plain = run_python(f"""
-        import torch, mmgated
-        torch.load({path!r})
-    """)
-    assert plain.returncode != 0
-    assert 'Weights only load failed' in plain.stderr
+    assert 'plain load refused: True' in with_shim.stdout, with_shim.stdout
 
 
 def test_registered_in_both_scopes_and_reached_through_custom_imports(
@@ -178,7 +180,7 @@ def test_collect_env_reports_versions_ops_and_registries():
     out = result.stdout
     for key in ('torch:', 'mmcv:', 'mmengine:', 'mmseg:', 'mmpretrain:',
                 'mmgated:', 'CUDA available:', 'mmcv ops: available',
-                'mmgated compiled ops: ', 'mmgated C++ training nodes: ',
+                'mmgated skip-execution kernel: ',
                 'mmseg MODELS (mmgated): GatedResNet',
                 'mmpretrain MODELS (mmgated): GatedResNet'):
         assert key in out, key

@@ -112,7 +112,7 @@ def test_beta_cdf_finite_values_and_gradients_at_support_ends():
 def test_prior_values_and_gradients_do_not_depend_on_other_values():
     """Whether or not other values lie beyond the support, values inside
     it (also exactly at its ends) keep their CDF and gradient; values
-    beyond get none; cdf_and_pdf gives the same."""
+    beyond get none."""
     prior = build_prior(dict(type='beta', a=0.6, b=0.4))
     inside = torch.tensor([0.0, 1e-7, 0.3, 0.999, 1.0], requires_grad=True)
     outside = torch.cat([inside.detach(), torch.tensor([2.0])])
@@ -122,10 +122,6 @@ def test_prior_values_and_gradients_do_not_depend_on_other_values():
     torch.testing.assert_close(prior(inside), prior(outside)[:5])
     torch.testing.assert_close(inside.grad, outside.grad[:5])
     assert outside.grad[5] == 0
-    for x in (inside, outside):
-        cdf, pdf = prior.cdf_and_pdf(x.detach())
-        torch.testing.assert_close(cdf, prior(x.detach()))
-        torch.testing.assert_close(pdf, x.grad)
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
@@ -169,8 +165,10 @@ def test_user_registered_prior():
 
 
 @pytest.mark.parametrize('prior,match', [
-    (dict(type='beta', a=0.0, b=0.4), 'a=0.0.*a > 0'),
-    (dict(type='beta', a=0.6, b=-1), 'b=-1.*b > 0'),
+    (dict(type='beta', a=0.0, b=0.4), 'a=0.0.*0 < a <= 1000'),
+    (dict(type='beta', a=0.6, b=-1), 'b=-1.*0 < b <= 1000'),
+    # The CDF table grows with a + b: refused, not built for minutes.
+    (dict(type='beta', a=1e5, b=0.4), 'a=100000.0.*0 < a <= 1000'),
     (dict(type='gaussian', std=0), 'std=0.*std > 0'),
     (dict(type='uniform', low=1.0, high=1.0), 'high=1.0.*high > low'),
     (dict(type='beta', a=float('nan')), 'a=nan'),

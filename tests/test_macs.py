@@ -14,8 +14,8 @@ from mmengine.config import ConfigDict
 from mmengine.registry import init_default_scope
 
 import mmgated  # noqa: F401
-from mmgated.analysis import (analyzer_macs, block_gate_overhead, count_macs,
-                              dense_macs, gated_savings)
+from mmgated.analysis import (MacCounter, analyzer_macs, block_gate_overhead,
+                              count_macs, dense_macs, gated_savings)
 from mmgated.models import (GatedResNetCifar, ResNetCifar, collect_gates,
                             force_gates, gate_modules)
 
@@ -339,12 +339,14 @@ def test_classifier(cifar_inputs, monkeypatch):
         counts = {short(k): int(v[i].sum()) for k, v in patterns.items()}
         assert result['per_sample'][i].item() == cifar_conditional(
             counts) + head
-    # predict() attaches the same figures to every sample.
+    # The records predict() attaches count as count_macs does.
     from mmpretrain.structures import DataSample
     samples = model.predict(cifar_inputs, [DataSample() for _ in range(3)])
+    counter = MacCounter(model)
     for i, sample in enumerate(samples):
-        assert sample.dense_macs == reference
-        assert sample.conditional_macs == result['per_sample'][i].item()
+        counted = counter(sample.metainfo)
+        assert counted['dense_macs'] == reference
+        assert counted['conditional_macs'] == result['per_sample'][i].item()
 
 
 def segmentor_cfg(gated):
@@ -397,9 +399,8 @@ def test_segmentor(monkeypatch):
     for name, gate in gate_modules(model).items():
         cin, c = gate.in_channels, gate.out_channels
         block = model.get_submodule(name.rsplit('.', 1)[0])
-        h, w = gate.map_size
-        s = block.conv1.stride[0]
-        gating += cin * h * s * w * s + cin * HIDDEN + 2 * HIDDEN + HIDDEN * c
+        h, w = gate.output.input_size
+        gating += cin * h * w + cin * HIDDEN + 2 * HIDDEN + HIDDEN * c
     assert result['gating'] == gating
     # Known patterns: the savings are those of the BasicBlock formula.
     patterns = make_patterns(model, 2, seed=4)
@@ -410,19 +411,24 @@ def test_segmentor(monkeypatch):
         for name, mask in patterns.items():
             block = model.get_submodule(name.rsplit('.', 1)[0])
             cin, c = block.conv1.in_channels, block.conv1.out_channels
-            h, w = getattr(block, 'gate').map_size
+            # conv1 (3x3, padding = dilation) at its stride.
+            s = block.conv1.stride[0]
+            h, w = ((size - 1) // s + 1 for size in
+                    getattr(block, 'gate').output.input_size)
             k = int(mask[i].sum())
             saved += (c - k) * (cin * 9 * h * w + 2 * h * w + c * 9 * h * w)
         assert result['per_sample'][i].item() == expected_open - saved
-    # predict() agrees with count_macs.
+    # The records predict() attaches count as count_macs does.
     from mmseg.structures import SegDataSample
     metas = [dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64))
              for _ in range(2)]
     samples = model.predict(inputs, [SegDataSample(metainfo=m)
                                      for m in metas])
+    counter = MacCounter(model)
     for i, sample in enumerate(samples):
-        assert sample.dense_macs == reference
-        assert sample.conditional_macs == result['per_sample'][i].item()
+        counted = counter(sample.metainfo)
+        assert counted['dense_macs'] == reference
+        assert counted['conditional_macs'] == result['per_sample'][i].item()
         assert set(sample.gate_open) == set(gate_modules(model))
 
 
@@ -474,5 +480,5 @@ def test_errors(resnet20):
     with pytest.raises(ValueError, match='no gated block'):
         gated_savings(ResNetCifar(depth=20))
     fresh = GatedResNetCifar(depth=20)
-    with pytest.raises(RuntimeError, match='did not run'):
+    with pytest.raises(KeyError, match='no gate record of'):
         gated_savings(fresh)

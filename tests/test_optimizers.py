@@ -146,3 +146,16 @@ def test_constructor_is_found_from_downstream_scopes(scope):
     optimizer = build(nn.Linear(2, 2), 'MergedGroupsOptimWrapperConstructor')
     # weight and bias (bias_lr_mult) differ.
     assert len(optimizer.param_groups) == 2
+
+
+def test_groups_from_a_config_are_plain_dicts():
+    """The Runner passes ConfigDicts; torch.compile (``compile=True``)
+    cannot trace an optimizer step whose groups are ConfigDicts."""
+    from mmengine.config import ConfigDict
+    cfg = ConfigDict(
+        constructor='MergedGroupsOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4),
+        paramwise_cfg=PARAMWISE)
+    optimizer = build_optim_wrapper(gated_classifier(), cfg).optimizer
+    assert [type(group) for group in optimizer.param_groups
+            ] == [dict] * len(optimizer.param_groups)

@@ -1,6 +1,6 @@
-"""Skip execution (compute open channels only) against mask execution."""
+"""Skip execution (compute open channels only) against mask execution,
+with each backend."""
 import copy
-import importlib
 
 import pytest
 import torch
@@ -11,7 +11,8 @@ from mmgated.models import (ChannelGate, force_gates, gate_modules,
                             set_gate_execution)
 from mmgated.models import skip_execution
 from mmgated.models.blocks import is_gated_block
-from mmgated.ops import direct_conv_fast
+from mmgated.models.skip_backends import compiled_cpu
+from mmgated.ops import direct_conv_fast, native, native_available
 
 mmseg_models = pytest.importorskip('mmseg.registry').MODELS
 mmpretrain_models = pytest.importorskip('mmpretrain.registry').MODELS
@@ -105,8 +106,16 @@ def _backbone(key):
     return model, size
 
 
-def _run(model, x, execution, value, seed=1):
-    set_gate_execution(model, execution)
+@pytest.fixture(params=['torch', 'compiled'])
+def backend(request):
+    """Each backend; the compiled one where its kernels build."""
+    if request.param == 'compiled' and not native_available():
+        pytest.skip('no C compiler: no compiled kernels')
+    return request.param
+
+
+def _run(model, x, execution, value, seed=1, backend='auto'):
+    set_gate_execution(model, execution, backend)
     with torch.no_grad(), force_gates(model, value, seed=seed):
         out = model(x)
         savings = gated_savings(model)
@@ -120,47 +129,85 @@ def _assert_equal_outputs(mask_out, skip_out):
         assert a.shape == b.shape
         scale = a.abs().max().clamp(min=1.0)
         err = ((a - b).abs().max() / scale).item()
-        assert err <= 1e-5, f'skip differs from mask by {err:.3g} (relative)'
+        assert err <= 1e-4, f'skip differs from mask by {err:.3g} (relative)'
 
 
-def _check_equal(model, x, value, seed=1):
-    mask_out, mask_gates, mask_savings = _run(model, x, 'mask', value, seed)
-    skip_out, skip_gates, skip_savings = _run(model, x, 'skip', value, seed)
+def _compare(mask, skip):
+    """Compare the ``_run`` results of mask and skip execution."""
+    (mask_out, mask_gates, mask_savings), (skip_out, skip_gates,
+                                           skip_savings) = mask, skip
     # Same draws, so the same gates were applied in both executions ...
     for name, gates in mask_gates.items():
         assert torch.equal(gates, skip_gates[name]), name
-    # ... and the same MAC accounting (skip records the gated map sizes).
+    # ... and the same MAC accounting.
     torch.testing.assert_close(mask_savings, skip_savings)
     _assert_equal_outputs(mask_out, skip_out)
 
 
-def _without_compiled_ops(monkeypatch):
-    """As on a machine without a C compiler: skip execution gathers the
-    open weights and calls oneDNN / PyTorch instead of reading them in
-    place."""
-    monkeypatch.setattr(importlib.import_module('mmgated.ops.native'),
-                        '_library', False)
+def _check_equal(model, x, value, seed=1, backend='auto'):
+    _compare(_run(model, x, 'mask', value, seed),
+             _run(model, x, 'skip', value, seed, backend))
 
 
-# A single sample runs its stride-1 convs through mmgated.ops.gathered_conv2d
-# where the compiled operations exist, through gathers and oneDNN where not.
-@pytest.mark.parametrize('batch_size,compiled', [(1, True), (1, False),
-                                                 (3, True)])
+# Mask execution's results of test_skip_equals_mask, shared by the backends.
+_MASK_RUNS = {}
+
+
+@pytest.mark.parametrize('batch_size', [1, 3])
 @pytest.mark.parametrize('key', list(BACKBONES))
-def test_skip_equals_mask(key, batch_size, compiled, monkeypatch):
-    if not compiled:
-        _without_compiled_ops(monkeypatch)
+def test_skip_equals_mask(key, batch_size, backend):
     model, size = _backbone(key)
     x = torch.randn(batch_size, 3, size, size,
                     generator=torch.Generator().manual_seed(batch_size))
     # 0.0 and 1.0: all gates closed and all open for the whole batch.
-    for value in (0.0, 0.3, 0.7, 1.0):
-        _check_equal(model, x, value, seed=int(value * 10))
+    for value in (0.0, 0.5, 1.0):
+        seed = int(value * 10)
+        run = (key, batch_size, value)
+        if run not in _MASK_RUNS:
+            _MASK_RUNS[run] = _run(model, x, 'mask', value, seed)
+        _compare(_MASK_RUNS[run], _run(model, x, 'skip', value, seed,
+                                       backend))
+
+
+@pytest.mark.parametrize('key', ['basic', 'bottleneck-both'])
+def test_larger_maps(key, backend):
+    """Maps above the compiled backend's weight-bound size, where single
+    samples run its kernels with some channels closed only."""
+    model, size = _backbone(key)
+    x = torch.randn(1, 3, 2 * size, 2 * size)
+    for value in (0.5, 1.0):
+        _check_equal(model, x, value, seed=5, backend=backend)
+
+
+def test_compiled_outside_its_cache_budget(monkeypatch):
+    """Convolutions whose weight and padded input exceed the compiled
+    kernel's cache budget run as the torch backend's; the same result."""
+    if not native_available():
+        pytest.skip('no C compiler: no compiled kernels')
+    monkeypatch.setattr(compiled_cpu, 'DIRECT_WEIGHT_BYTES', 0)
+    monkeypatch.setattr(compiled_cpu, 'DIRECT_INPUT_BYTES', 0)
+    model, size = _backbone('basic')
+    _check_equal(model, torch.randn(1, 3, 2 * size, 2 * size), 0.5, seed=3,
+                 backend='compiled')
+
+
+def _record_segments(monkeypatch):
+    """Record, for each segment a plan runs, whether it computes a subset
+    of channels and whether it applies masks."""
+    calls = []
+    original = skip_execution._Plan.segment
+
+    def segment(plan, h, indices, masks=None, residual=None):
+        calls.append((any(i is not None for i in indices), masks is not None))
+        return original(plan, h, indices, masks, residual)
+
+    monkeypatch.setattr(skip_execution._Plan, 'segment', segment)
+    return calls
 
 
 @pytest.mark.parametrize('efficiency', [1e9, 1e-9])
 @pytest.mark.parametrize('key', ['basic', 'bottleneck-both'])
-def test_union_and_grouped_plans(key, efficiency, monkeypatch):
+def test_union_and_grouped_plans(key, efficiency, backend, monkeypatch):
     """A batch whose patterns differ runs either as one computation of the
     union of open channels with masks, or one computation per pattern."""
     # 1e9: per pattern always; 1e-9: the union always.
@@ -168,9 +215,12 @@ def test_union_and_grouped_plans(key, efficiency, monkeypatch):
     monkeypatch.setattr(skip_execution, 'PLAN_COSTS',
                         dict(cpu=dict(weight=0, call=0)))
     model, size = _backbone(key)
+    calls = _record_segments(monkeypatch)
     x = torch.randn(4, 3, size, size)
-    _check_equal(model, x, 0.5, seed=3)
-    _check_equal(model, x, 0.9, seed=4)
+    _check_equal(model, x, 0.5, seed=3, backend=backend)
+    _check_equal(model, x, 0.9, seed=4, backend=backend)
+    masked = [m for _, m in calls]
+    assert all(masked) if efficiency < 1 else not any(masked)
 
 
 @pytest.mark.parametrize('weight_cost', [0, 1e12])
@@ -184,21 +234,12 @@ def test_batch_one_sparse_and_masked_dense_plans(key, weight_cost,
     # 90 % open (81 % of conv2 in 'both') is cheaper dense with masks.
     monkeypatch.setattr(skip_execution, 'PLAN_COSTS',
                         dict(cpu=dict(weight=weight_cost, call=0)))
-    # Convs that read their weight in place never gather (see
-    # test_in_place_reads_never_choose_masks); all of these gather.
-    monkeypatch.setattr(skip_execution, 'WEIGHT_BOUND_PIXELS', 0)
-    _without_compiled_ops(monkeypatch)
     model, size = _backbone(key)
-    calls = []
-    original = skip_execution._Plan.segment
-
-    def segment(plan, h, indices, masks=None, finish=None):
-        calls.append((any(i is not None for i in indices), masks is not None))
-        return original(plan, h, indices, masks, finish)
-
-    monkeypatch.setattr(skip_execution._Plan, 'segment', segment)
+    calls = _record_segments(monkeypatch)
     x = torch.randn(1, 3, size, size)
-    _check_equal(model, x, 0.6 if weight_cost == 0 else 0.9, seed=2)
+    # The torch backend gathers every restricted weight.
+    _check_equal(model, x, 0.6 if weight_cost == 0 else 0.9, seed=2,
+                 backend='torch')
     sparse = [c for c in calls if c[0]]
     masked = [c for c in calls if c[1]]
     if weight_cost == 0:
@@ -207,108 +248,51 @@ def test_batch_one_sparse_and_masked_dense_plans(key, weight_cost,
         assert masked and not sparse
 
 
-@pytest.mark.parametrize('compiled', [True, False])
-@pytest.mark.parametrize('key', ['basic', 'bottleneck-both', 'pspnet-both'])
-def test_single_samples_read_weights_in_place(key, compiled, monkeypatch):
-    """At batch 1 the restricted convolutions read the open part of their
-    weight in place: those whose output keeps the input's size (stride 1)
-    as gathered_conv2d, with the block's shortcut and ReLU in the last one,
-    where the compiled operations exist; the others with at most
-    WEIGHT_BOUND_PIXELS output pixels as im2col and gathered_gemm (compiled,
-    or its PyTorch fallback). The rest gathers. All equal mask execution."""
-    if not compiled:
-        _without_compiled_ops(monkeypatch)
-    calls = dict(conv=[], gemm=[])
-    originals = dict(conv=skip_execution.gathered_conv2d_unchecked,
-                     gemm=skip_execution.gathered_gemm)
-
-    def counted(kind):
-
-        def op(*args, **kwargs):
-            calls[kind].append(kwargs)
-            return originals[kind](*args, **kwargs)
-
-        return op
-
-    monkeypatch.setattr(skip_execution, 'gathered_conv2d_unchecked',
-                        counted('conv'))
-    monkeypatch.setattr(skip_execution, 'gathered_gemm', counted('gemm'))
-    # Which restricted convs ran: (keeps its input's size, output pixels).
-    restricted = []
-    original_layer = skip_execution._Plan.sparse_layer
-
-    def sparse_layer(plan, j, h, in_idx, out_idx, finish=None):
-        if (in_idx is not None or out_idx is not None) and h.shape[1] > 0:
-            restricted.append(
-                (plan.direct_capable[j], plan.sizes[j][0] * plan.sizes[j][1]))
-        return original_layer(plan, j, h, in_idx, out_idx, finish)
-
-    monkeypatch.setattr(skip_execution._Plan, 'sparse_layer', sparse_layer)
-    model, size = _backbone(key)
-    # Sizes at which the early stages' maps exceed the bound and the late
-    # ones do not (PSPNet's output stride is 8).
-    size = size if key.startswith('pspnet') else 2 * size
-    x = torch.randn(1, 3, size, size)
-    _check_equal(model, x, 0.5, seed=5)
-    bound = skip_execution.WEIGHT_BOUND_PIXELS
-    same = [p for keeps, p in restricted if keeps]
-    small_other = [p for keeps, p in restricted if not keeps and p <= bound]
-    assert same and small_other
-    # The direct convolution runs with the AVX-512 tiles only (where it is
-    # faster than oneDNN); compiled without them, the small maps use
-    # gathered_gemm as without a compiler.
-    direct = compiled and direct_conv_fast()
-    if direct:
-        assert len(calls['conv']) == len(same)
-        assert len(calls['gemm']) == len(small_other)
-        # Open rows, and open input channels with the block's shortcut and
-        # ReLU in its last 3x3 convolution (a Bottleneck ends with a 1x1
-        # one, which oneDNN runs: the shortcut is added after it).
-        assert any(c['rows'] is not None for c in calls['conv'])
-        fused = [c for c in calls['conv'] if c['residual'] is not None]
-        assert all(c['relu'] for c in fused)
-        if key == 'basic':
-            assert any(c['col_groups'] is not None for c in calls['conv'])
-            assert fused
-        else:
-            assert not fused
-    else:
-        small = [p for _, p in restricted if p <= bound]
-        assert not calls['conv'] and len(calls['gemm']) == len(small)
-    # All open: the dense convolutions, except the small maps' direct
-    # ones (their weights bind them as much as when restricted).
-    for kind in calls:
-        calls[kind].clear()
-    _check_equal(model, x, 1.0)
-    assert not calls['gemm']
-    assert bool(calls['conv']) == direct
-
-
-def test_direct_convs_within_their_cache_budget(monkeypatch):
-    """Convolutions whose weight and padded input both exceed the budgets
-    of gathered_conv2d gather for oneDNN instead; the result is the
-    same."""
-    if not direct_conv_fast():
-        pytest.skip('no AVX-512 tiles')
-    calls = []
-    original = skip_execution.gathered_conv2d_unchecked
-
-    def counted(x, weight, *args, **kwargs):
-        calls.append(weight.numel())
-        return original(x, weight, *args, **kwargs)
-
-    monkeypatch.setattr(skip_execution, 'gathered_conv2d_unchecked', counted)
+def test_in_place_reads_never_choose_masks(monkeypatch):
+    """A block whose convs read the open part of their weight in place
+    (the compiled backend at batch 1 on small maps) has no gather to save:
+    however costly weights are, computing fewer channels is cheaper."""
+    if not native_available():
+        pytest.skip('no C compiler: no compiled kernels')
+    monkeypatch.setattr(skip_execution, 'PLAN_COSTS',
+                        dict(cpu=dict(weight=1e12, call=0)))
     model, size = _backbone('basic')
-    x = torch.randn(1, 3, 2 * size, 2 * size)
-    # ResNet-18's weights: 64x64x3x3 (147 KB) to 512x512x3x3 (9.4 MB).
-    monkeypatch.setattr(skip_execution, 'DIRECT_WEIGHT_BYTES', 150 * 1024)
-    monkeypatch.setattr(skip_execution, 'DIRECT_INPUT_BYTES', 0)
-    _check_equal(model, x, 0.5, seed=3)
-    assert calls and max(calls) == 64 * 64 * 9
-    calls.clear()
-    monkeypatch.setattr(skip_execution, 'DIRECT_WEIGHT_BYTES', 0)
-    _check_equal(model, x, 0.5, seed=3)
-    assert not calls
+    calls = _record_segments(monkeypatch)
+    # 32x32: every map of the ResNet-18 has at most 64 pixels.
+    _check_equal(model, torch.randn(1, 3, size, size), 0.9, seed=2,
+                 backend='compiled')
+    assert calls and not any(masked for _, masked in calls)
+
+
+def test_backend_chosen_once(monkeypatch):
+    """One backend object for all blocks of a model, chosen by
+    set_gate_execution; bad names and an unbuildable compiled backend are
+    refused before any block is switched."""
+    model, _ = _backbone('basic')
+    blocks = [m for m in model.modules() if is_gated_block(m)]
+    set_gate_execution(model, 'skip', 'torch')
+    backends = {id(b.skip_runner.backend) for b in blocks}
+    assert len(backends) == 1
+    assert blocks[0].skip_runner.backend.name == 'torch'
+    set_gate_execution(model, 'skip')
+    auto = 'compiled' if direct_conv_fast() else 'torch'
+    assert blocks[0].skip_runner.backend.name == auto
+    set_gate_execution(model, 'mask')
+    with pytest.raises(ValueError,
+                       match="'onednn'.*'auto', 'torch', 'compiled'"):
+        set_gate_execution(model, 'skip', backend='onednn')
+    monkeypatch.setattr(native, '_library', False)  # as without a compiler
+    with pytest.raises(RuntimeError, match="'compiled' needs"):
+        set_gate_execution(model, 'skip', backend='compiled')
+    assert all(b.skip_runner is None for b in blocks)
+
+
+def test_compiled_backend_other_dtypes(backend):
+    """A model cast after the switch: float64 runs as the torch backend's
+    (the compiled kernels are float32)."""
+    model = copy.deepcopy(_backbone('basic')[0]).double()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    _check_equal(model, x, 0.5, backend=backend)
 
 
 def test_non_relu_activation():
@@ -322,26 +306,6 @@ def test_non_relu_activation():
         set_gate_execution(model, 'skip')
 
 
-def test_in_place_reads_never_choose_masks(monkeypatch):
-    """A block whose convs read the open part of their weight in place
-    (batch 1, small maps) has no gather to save: however costly weights
-    are, computing fewer channels is the cheaper plan."""
-    monkeypatch.setattr(skip_execution, 'PLAN_COSTS',
-                        dict(cpu=dict(weight=1e12, call=0)))
-    model, size = _backbone('basic')
-    masked = []
-    original = skip_execution._Plan.segment
-
-    def segment(plan, h, indices, masks=None, finish=None):
-        masked.append(masks is not None)
-        return original(plan, h, indices, masks, finish)
-
-    monkeypatch.setattr(skip_execution._Plan, 'segment', segment)
-    # 32x32: every map of the ResNet-18 has at most 64 pixels.
-    _check_equal(model, torch.randn(1, 3, size, size), 0.9, seed=2)
-    assert masked and not any(masked)
-
-
 def _pattern_hook(make):
     def hook(module, inputs, gates):
         return make(gates)
@@ -349,7 +313,7 @@ def _pattern_hook(make):
 
 
 @pytest.mark.parametrize('key', ['basic', 'bottleneck-both', 'pspnet-both'])
-def test_structured_patterns(key):
+def test_structured_patterns(key, backend):
     """Patterns shared by all samples, channels closed for the whole batch,
     and repeated patterns within a batch, as learned gates produce."""
     model, size = _backbone(key)
@@ -381,7 +345,7 @@ def test_structured_patterns(key):
             gen.manual_seed(5)
             mask_out = _run(model, x, 'mask', None)[0]
             gen.manual_seed(5)
-            skip_out = _run(model, x, 'skip', None)[0]
+            skip_out = _run(model, x, 'skip', None, backend=backend)[0]
         finally:
             for h in handles:
                 h.remove()
@@ -441,19 +405,21 @@ def test_set_gate_execution_bad_value():
                  gate_cfg=dict(execution='sparse')))
 
 
-def test_ungated_stages_and_gradients():
-    """Ungated stages run dense; skip works with autograd enabled (eval)."""
+@pytest.mark.parametrize('batch_size', [1, 2])
+def test_ungated_stages_and_gradients(batch_size, backend):
+    """Ungated stages run dense; skip works with autograd enabled (eval),
+    where the compiled backend runs as the torch one."""
     model = build_in(mmpretrain_models,
         dict(type='GatedResNet', depth=18, gate_cfg=dict(stages=(1, 3))))
     _randomize(model)
     model.eval()
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    x = torch.randn(batch_size, 3, 32, 32, requires_grad=True)
     with force_gates(model, 0.5, seed=2):
-        set_gate_execution(model, 'skip')
+        set_gate_execution(model, 'skip', backend)
         out = model(x)[-1]
     out.sum().backward()
-    assert x.grad is not None
-    _check_equal(model, x.detach(), 0.5)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    _check_equal(model, x.detach(), 0.5, backend=backend)
 
 
 def test_plugins():
@@ -487,14 +453,12 @@ def test_plugins():
     _randomize(model)
     model.eval()
     _check_equal(model, torch.randn(2, 3, 32, 32), 0.5)
-    model = build_in(mmseg_models,
-        dict(narrow,
-             plugins=[dict(context, position='after_conv1')],
-             gate_cfg=dict(position='after_conv1', execution='skip')))
-    model.eval()
-    # Built with execution='skip': refused on the first forward.
+    # Built with execution='skip': refused when built.
     with pytest.raises(NotImplementedError, match='GatedBottleneck'):
-        model(torch.randn(1, 3, 32, 32))
+        build_in(mmseg_models,
+            dict(narrow,
+                 plugins=[dict(context, position='after_conv1')],
+                 gate_cfg=dict(position='after_conv1', execution='skip')))
 
 
 def test_unsupported_norm():
@@ -514,8 +478,7 @@ def test_gates_unchanged_by_skip():
         model(x)
     for gate in gate_modules(model).values():
         assert isinstance(gate, ChannelGate)
-        assert gate.output is not None and gate.map_size is not None
-        assert gate.controlled_macs > 0
+        assert gate.output is not None and gate.output.input_size
     set_gate_execution(model, 'mask')
 
 
@@ -545,7 +508,8 @@ def test_count_macs_in_skip_mode():
         'dense']
 
 
-def test_conv_bias():
+@pytest.mark.parametrize('value', [0.0, 0.5])
+def test_conv_bias(value, backend):
     """Convs with a bias: indexed with the open filters, and the whole
     output of a conv whose inputs are all closed."""
     model = build_in(mmpretrain_models, dict(type='GatedResNet', depth=18))
@@ -557,9 +521,9 @@ def test_conv_bias():
                 torch.rand(conv.out_channels, generator=gen) - 0.5)
     _randomize(model)
     model.eval()
-    x = torch.randn(2, 3, 32, 32)
-    for value in (0.0, 0.5):
-        _check_equal(model, x, value)
+    for batch_size in (1, 2):
+        _check_equal(model, torch.randn(batch_size, 3, 32, 32), value,
+                     backend=backend)
 
 
 def test_unsupported_conv():
@@ -580,34 +544,32 @@ def test_unsupported_conv():
         set_gate_execution(model, 'skip')
 
 
-def test_cached_weights_follow_updates(monkeypatch):
-    """Skip execution keeps BN-folded weights and their transposed layout;
-    they must follow in-place updates (optimizer steps, load_state_dict)
-    and be dropped when switching back to mask execution."""
+def test_cached_weights_follow_updates(backend):
+    """Skip execution keeps BN-folded weights; they must follow in-place
+    updates (optimizer steps, load_state_dict) and be dropped when
+    switching back to mask execution."""
     reference = build_in(mmpretrain_models, dict(type='GatedResNet', depth=18))
     _randomize(reference)
     reference.eval()
     # Two models, so that the one in skip mode never switches (a switch
     # drops the caches, which would hide a stale one).
     fast = copy.deepcopy(reference)
-    set_gate_execution(fast, 'skip')
-    # With every weight read through a cached copy: single samples read
-    # the folded copy in place (gathered_conv2d, gathered_gemm); a batch
-    # gathers from the folded copy and, for the open input channels of
-    # layer1 at 64x64, from the transposed one.
-    monkeypatch.setattr(skip_execution, 'STRIDED_GATHER_MAX', 0)
-    monkeypatch.setattr(skip_execution, 'GROUP_EFFICIENCY', 1e-9)
+    set_gate_execution(fast, 'skip', backend)
     inputs = (torch.randn(1, 3, 32, 32), torch.randn(2, 3, 64, 64))
 
-    def compare():
+    def compare(value=0.6):
         for x in inputs:
             with torch.no_grad():
-                with force_gates(reference, 0.6, seed=1):
+                with force_gates(reference, value, seed=1):
                     expected = reference(x)
-                with force_gates(fast, 0.6, seed=1):
+                with force_gates(fast, value, seed=1):
                     actual = fast(x)
             _assert_equal_outputs(expected, actual)
 
+    # All closed (a conv of no inputs is its bias, which the block's
+    # shortcut and ReLU must not change in the cache), twice.
+    compare(0.0)
+    compare(0.0)
     compare()
     for model in (reference, fast):
         with torch.no_grad():
@@ -621,26 +583,6 @@ def test_cached_weights_follow_updates(monkeypatch):
     for model in (reference, fast):
         model.load_state_dict(state)
     compare()
-    for name in ('_skip_folded', '_skip_transposed', '_skip_plans'):
-        assert any(name in m.__dict__ for m in fast.modules()), name
+    assert any('_skip_folded' in m.__dict__ for m in fast.modules())
     set_gate_execution(fast, 'mask')
-    for name in ('_skip_folded', '_skip_transposed', '_skip_plans'):
-        assert not any(name in m.__dict__ for m in fast.modules()), name
-
-
-def test_traced_skip_block_is_dense():
-    """Under tracing (mmengine's FlopAnalyzer) a block in skip mode traces
-    the dense computation, so that analyzers count the dense network."""
-    from mmengine.analysis import FlopAnalyzer
-    model, size = _backbone('basic')
-    x = torch.randn(1, 3, size, size)
-
-    def total():
-        analyzer = FlopAnalyzer(model, (x, ))
-        analyzer.unsupported_ops_warnings(False)
-        analyzer.uncalled_modules_warnings(False)
-        analyzer.tracer_warnings('none')
-        return analyzer.total()
-
-    totals = _in_both_executions(model, 0.3, 0, total)
-    assert totals['skip'] == totals['mask']
+    assert not any('_skip_folded' in m.__dict__ for m in fast.modules())

@@ -8,6 +8,7 @@ with mmpretrain's own scripts, and a 2-process gloo run.
 """
 import glob
 import json
+import math
 import os
 import os.path as osp
 import re
@@ -221,6 +222,31 @@ def test_cifar_recipe_on_folder_dataset(tiny_imagenet, tmp_path):
     records = scalars(work_dir)
     assert_gate_scalars(records, with_l0=True)
     assert any('accuracy/top1' in r for r in records), records
+
+
+def test_cifar_recipe_compiled(tiny_imagenet, tmp_path):
+    """``compile=True`` (mmengine compiles the model's train_step with
+    torch.compile) trains the gated ResNet-20 in mask mode with both gate
+    losses: 3 iterations, finite losses, the gate scalars logged."""
+    cfg = write_tiny_config(tmp_path / 'resnet20_bas_tiny.py', CIFAR_CONFIG,
+                            CIFAR_AS_FOLDER_TINY_SETTINGS, tiny_imagenet)
+    work_dir = str(tmp_path / 'work')
+    # The tiny hooks weigh L0 from the second iteration: the step is
+    # compiled with and without it.
+    proc = run([
+        'tools/train.py', cfg, '--work-dir', work_dir, '--cfg-options',
+        'compile=True', 'val_cfg=None', 'val_dataloader=None',
+        'val_evaluator=None'
+    ], timeout=600)
+    assert 'compile' in proc.stdout
+    records = train_records(scalars(work_dir))
+    assert [r['iter'] for r in records] == [1, 2, 3]
+    assert_gate_scalars(records, with_l0=True)
+    for record in records:
+        for key in ('loss', 'loss_bs', 'loss_l0'):
+            assert math.isfinite(record.get(key, 0.0)), record
+    # assert_gate_scalars: L0 is weighed (and logged) in some iteration.
+    assert any('loss_l0' in record for record in records), records
 
 
 def test_mim_train_and_test_mmpretrain(in1k_run, tmp_path):

@@ -2,10 +2,10 @@
 
 :mod:`.plots` (matplotlib) and :mod:`.gate_stats` are imported on use.
 """
-from .macs import (analyzer_macs, aux_heads, block_gate_overhead, count_macs,
-                   dense_macs, gated_savings)
+from .macs import (MacCounter, analyzer_macs, aux_heads, block_gate_overhead,
+                   count_macs, dense_macs, gated_savings, savings_from_counts)
 
 __all__ = [
-    'analyzer_macs', 'aux_heads', 'block_gate_overhead', 'count_macs',
-    'dense_macs', 'gated_savings'
+    'MacCounter', 'analyzer_macs', 'aux_heads', 'block_gate_overhead',
+    'count_macs', 'dense_macs', 'gated_savings', 'savings_from_counts'
 ]

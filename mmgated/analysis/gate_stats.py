@@ -3,7 +3,8 @@
 :class:`GateStatsCollector` takes the predictions of
 :class:`~mmgated.models.GatedImageClassifier` or
 :class:`~mmgated.models.GatedEncoderDecoder` (with their ``gate_open``,
-``conditional_macs`` and ``dense_macs`` metainfo) batch by batch and builds
+gate records) batch by batch, counts their MACs with a
+:class:`~mmgated.analysis.MacCounter`, and builds
 the report of ``tools/analysis_tools/gate_stats.py``: MACs, the
 :class:`~mmgated.evaluation.GateMetric` numbers, Fig. 4 categories per
 layer, per-sample losses and gate usage per class.
@@ -105,6 +106,9 @@ class GateStatsCollector:
     Args:
         task (str): ``'classification'`` or ``'segmentation'``.
         class_names (Sequence[str]): The dataset's classes.
+        mac_counter (callable): From a prediction's gate record to its
+            ``conditional_macs`` and ``dense_macs``: a
+            :class:`~mmgated.analysis.MacCounter` of the model.
         threshold (float): Fig. 4 category threshold. Default: 0.99.
         ignore_index (int): Segmentation label left out. Default: 255.
     """
@@ -114,6 +118,7 @@ class GateStatsCollector:
     def __init__(self,
                  task: str,
                  class_names: Sequence[str],
+                 mac_counter,
                  threshold: float = 0.99,
                  ignore_index: int = 255):
         if task not in self.TASKS:
@@ -122,6 +127,7 @@ class GateStatsCollector:
             raise ValueError('class_names must name at least one class')
         self.task = task
         self.class_names = [str(c) for c in class_names]
+        self.mac_counter = mac_counter
         self.threshold = threshold
         self.ignore_index = ignore_index
         self.records: List[dict] = []
@@ -164,8 +170,11 @@ class GateStatsCollector:
             gate_open = OrderedDict(
                 (k, torch.as_tensor(v).detach().cpu().numpy().astype(bool))
                 for k, v in gate_open.items())
-            macs = float(_get(sample, 'conditional_macs'))
-            dense = float(_get(sample, 'dense_macs'))
+            counted = self.mac_counter(
+                dict(gate_open=gate_open,
+                     gate_input_sizes=_get(sample, 'gate_input_sizes'),
+                     model_input_shape=_get(sample, 'model_input_shape')))
+            macs, dense = counted['conditional_macs'], counted['dense_macs']
             self.records.append(
                 dict(gate_open=gate_open, conditional_macs=macs,
                      dense_macs=dense))

@@ -14,7 +14,9 @@ ignores (``aten::mean`` has no handle) but the paper includes in its
 0.018 % - 0.087 % overhead per block.
 
 The per-sample savings of the gates are computed from the convolution shapes
-of the gated blocks and the recorded gate decisions: a convolution between an
+of the gated blocks, the recorded gate decisions and the recorded input size
+of each gate (:class:`~mmgated.models.GateOutput`); nothing here runs inside
+a model's forward. A convolution between an
 input gate and an output gate costs
 ``open_in * open_out * kh * kw * H_out * W_out / groups`` MACs for a sample,
 and a BatchNorm right after a convolution with gated outputs is skipped for
@@ -25,7 +27,7 @@ counted either.
 """
 from collections import Counter
 from contextlib import contextmanager
-from typing import Dict, List
+from typing import Dict, List, Mapping
 
 import torch
 import torch.nn as nn
@@ -34,7 +36,7 @@ from mmengine.analysis.jit_handles import get_shape
 from mmengine.model import is_model_wrapper
 
 from ..models.blocks import conv_output_size, is_gated_block
-from ..models.gates import clear_gates, gate_modules
+from ..models.gates import clear_gates, collect_gates, gate_modules
 
 # Key under which the gates' global average pooling is counted.
 POOL_OP = 'gate_pool'
@@ -73,17 +75,15 @@ def _mask_execution(model: nn.Module):
     traced batch, so the analyzer would count a conditional network as the
     dense one (and the savings would then be taken off twice).
     """
-    switched = []
-    for block in model.modules():
-        if is_gated_block(block) and getattr(block, 'gate_execution',
-                                             'mask') != 'mask':
-            switched.append((block, block.gate_execution))
-            block.gate_execution = 'mask'
+    switched = [(block, block.skip_runner) for block in model.modules()
+                if is_gated_block(block) and block.skip_runner is not None]
+    for block, _ in switched:
+        block.skip_runner = None
     try:
         yield
     finally:
-        for block, execution in switched:
-            block.gate_execution = execution
+        for block, runner in switched:
+            block.skip_runner = runner
 
 
 def _check_inputs(inputs) -> None:
@@ -148,43 +148,46 @@ def _norm_macs_per_element(norm: nn.Module) -> float:
     return 0.0
 
 
-def _open_count(block, name: str) -> torch.Tensor:
-    gate = getattr(block, name)
-    if gate.output is None:
-        raise RuntimeError(f'gate {name} of a {type(block).__name__} did '
-                           'not run; run a forward pass first')
-    return gate.output.gates.detach().double().sum(1).cpu()
-
-
-def gated_savings(model: nn.Module) -> torch.Tensor:
-    """Per-sample MACs the closed gates of the last forward pass saved.
+def savings_from_counts(model: nn.Module,
+                        open_counts: Mapping[str, torch.Tensor],
+                        input_sizes: Mapping[str, tuple]) -> torch.Tensor:
+    """Per-sample MACs that closed gates save.
 
     Args:
-        model (nn.Module): A model whose gated blocks ran a forward pass.
+        model (nn.Module): A gated model.
+        open_counts (Mapping[str, Tensor]): Gate module name (as
+            :func:`~mmgated.models.collect_gates` names it) to the ``(N, )``
+            number of open channels of each sample.
+        input_sizes (Mapping[str, tuple]): Gate module name to the ``(H, W)``
+            of the block input the gate saw.
 
     Returns:
         Tensor: ``(N, )`` float64, on the CPU.
 
     Raises:
         ValueError: The model has no gated block.
-        RuntimeError: A gate of a gated block did not run.
+        KeyError: A gate of a gated block has no record.
     """
     savings = None
-    for block in _unwrap(model).modules():
+    for block_name, block in _unwrap(model).named_modules():
         if not is_gated_block(block):
             continue
+        prefix = f'{block_name}.' if block_name else ''
+        names = [n for n in block.gate_names if hasattr(block, n)]
+        missing = [prefix + n for n in names if prefix + n not in open_counts]
+        if missing:
+            raise KeyError(f'no gate record of {missing}; run a forward pass '
+                           'of the model first')
+        sizes = block.gated_map_sizes(input_sizes[prefix + names[0]])
         for index, (conv, in_gate, out_gate) in enumerate(block.gated_convs()):
             if in_gate is None and out_gate is None:
                 continue
-            n_in = _open_count(block, in_gate) if in_gate else float(
-                conv.in_channels)
-            n_out = _open_count(block, out_gate) if out_gate else float(
-                conv.out_channels)
-            if out_gate is not None:
-                out_h, out_w = getattr(block, out_gate).map_size
-            else:
-                out_h, out_w = conv_output_size(
-                    conv, *getattr(block, in_gate).map_size)
+            n_in = open_counts[prefix + in_gate].double() if in_gate \
+                else float(conv.in_channels)
+            n_out = open_counts[prefix + out_gate].double() if out_gate \
+                else float(conv.out_channels)
+            out_h, out_w = sizes[out_gate] if out_gate else \
+                conv_output_size(conv, *sizes[in_gate])
             kh, kw = conv.kernel_size
             unit = kh * kw * out_h * out_w / conv.groups
             saved = (conv.in_channels * conv.out_channels - n_in * n_out) \
@@ -198,8 +201,69 @@ def gated_savings(model: nn.Module) -> torch.Tensor:
             savings = saved if savings is None else savings + saved
     if savings is None:
         raise ValueError(f'{type(_unwrap(model)).__name__} has no gated '
-                         'block; gated_savings needs a gated model')
-    return savings
+                         'block; its MAC savings need a gated model')
+    return savings.cpu()
+
+
+def gated_savings(model: nn.Module) -> torch.Tensor:
+    """Per-sample MACs that the closed gates of the model's last forward
+    pass saved (:func:`savings_from_counts` of what
+    :func:`~mmgated.models.collect_gates` reads).
+
+    Returns:
+        Tensor: ``(N, )`` float64, on the CPU.
+    """
+    gates = collect_gates(model)
+    return savings_from_counts(
+        model, {n: g.gates.detach().sum(1) for n, g in gates.items()},
+        {n: g.input_size for n, g in gates.items()})
+
+
+class MacCounter:
+    """MACs of a gated model's predictions, from their gate records.
+
+    The dense figure is counted by one trace of the model per input shape
+    (cached); each sample's conditional figure is that minus the savings of
+    its closed gates (:func:`savings_from_counts`).
+
+    Args:
+        model (nn.Module): The gated model whose predictions are counted.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = _unwrap(model)
+        self._dense = {}
+
+    def dense(self, input_shape) -> Dict[str, float]:
+        """:func:`dense_macs` for one input of shape ``(C, H, W)``."""
+        input_shape = tuple(int(s) for s in input_shape)
+        if input_shape not in self._dense:
+            param = next(self.model.parameters())
+            inputs = torch.zeros((1, ) + input_shape, device=param.device,
+                                 dtype=param.dtype)
+            self._dense[input_shape] = dense_macs(self.model, inputs)
+        return self._dense[input_shape]
+
+    def __call__(self, record: Mapping) -> Dict[str, float]:
+        """The MACs of one prediction.
+
+        Args:
+            record (Mapping): Its ``gate_open`` (gate name to 0/1 vector),
+                ``gate_input_sizes`` and ``model_input_shape``, as
+                :meth:`GateLossMixin.predict` records them.
+
+        Returns:
+            dict: ``conditional_macs`` and ``dense_macs`` (float).
+        """
+        counted = self.dense(record['model_input_shape'])
+        counts = {
+            name: torch.as_tensor(value).reshape(1, -1).double().sum(1)
+            for name, value in record['gate_open'].items()
+        }
+        saved = savings_from_counts(self.model, counts,
+                                    record['gate_input_sizes'])
+        return dict(conditional_macs=float(counted['total'] - saved[0]),
+                    dense_macs=float(counted['dense']))
 
 
 def _batch_size(value) -> int:
@@ -284,8 +348,7 @@ def count_macs(model: nn.Module, inputs: torch.Tensor) -> dict:
         counted = dense_macs(model, inputs)
         clear_gates(model)
         model(inputs)
-        savings = gated_savings(model)
-        per_sample = counted['total'] - savings
+        per_sample = counted['total'] - gated_savings(model)
         result = dict(
             dense=counted['dense'],
             gating=counted['gating'],

@@ -183,7 +183,9 @@ class GateMetric(BaseMetric):
     """Conditional-compute metrics of a gated model on a validation set.
 
     Reads the gate records that :class:`GatedEncoderDecoder` and
-    :class:`GatedImageClassifier` attach to their predictions and reports
+    :class:`GatedImageClassifier` attach to their predictions, counts their
+    MACs with the model that :class:`~mmgated.engine.GateMetricHook` gives
+    it (add that hook to ``custom_hooks``), and reports
     the mean MAC ratio (conditional / dense MACs of the inference network),
     its spread, and the fractions of gates that are always on, always off
     (on/off for more than ``threshold`` of the inputs, paper Fig. 4) or
@@ -209,6 +211,9 @@ class GateMetric(BaseMetric):
                  prefix: Optional[str] = None):
         super().__init__(collect_device=collect_device, prefix=prefix)
         self.threshold = _check_threshold(threshold)
+        # A callable from a record to its MACs (mmgated.analysis.MacCounter),
+        # set by GateMetricHook before each evaluation.
+        self.mac_counter = None
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
         """Keep the gate record of every sample that has one.
@@ -231,9 +236,16 @@ class GateMetric(BaseMetric):
                             else np.asarray(v)).astype(bool)
                         for k, v in sample['gate_open'].items()
                     },
-                    conditional_macs=float(sample['conditional_macs']),
-                    dense_macs=float(sample['dense_macs'])))
+                    gate_input_sizes=sample['gate_input_sizes'],
+                    model_input_shape=sample['model_input_shape']))
 
     def compute_metrics(self, results: List[dict]) -> dict:
-        """See :func:`summarize_gate_records`."""
-        return dict(summarize_gate_records(results, self.threshold))
+        """See :func:`summarize_gate_records`; each record's MACs are
+        counted by the ``mac_counter`` that :class:`GateMetricHook` set."""
+        if self.mac_counter is None:
+            raise RuntimeError(
+                'GateMetric counts MACs with the model, which '
+                "GateMetricHook gives it: add dict(type='GateMetricHook') "
+                'to custom_hooks')
+        records = [dict(r, **self.mac_counter(r)) for r in results]
+        return dict(summarize_gate_records(records, self.threshold))

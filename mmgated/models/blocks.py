@@ -35,9 +35,7 @@ no gradient back to the filter that made it (the paper's reason, section 4).
 import torch
 import torch.utils.checkpoint as cp
 
-from .gated_relu import batch_norm_gated_relu
 from .gates import ChannelGate, parse_gate_cfg
-from .skip_execution import check_skip_mode, skip_residual
 
 
 def _build_gate(in_channels, out_channels, gate_cfg, norm_cfg):
@@ -71,45 +69,69 @@ def channel_macs(produced_by, consumed_by, height, width):
     return float(produce * height * width + consume * out_h * out_w)
 
 
+def gate_mul(out: torch.Tensor, gate) -> torch.Tensor:
+    """``G(x) . out``: each sample's channels times its 0/1 gates (none:
+    ungated)."""
+    if gate is None:
+        return out
+    return out * gate.to(out.dtype)[:, :, None, None]
+
+
 class _GatedBlockMixin:
-    """Shared construction and the checkpointed forward of gated blocks.
+    """Shared construction and forward of gated blocks.
 
     Subclasses name their gates in ``gate_names`` and implement
-    ``_residual(x, *gates)``, the residual branch with the gates applied.
+    ``residual(x, *gates)``, the residual branch with the gates applied.
     ``gate_cfg=None`` builds the block without gates (an ungated stage).
+
+    A block in skip execution (see :func:`mmgated.models.set_gate_execution`)
+    holds a ``skip_runner`` that computes the whole block from its input;
+    in mask execution it is ``None``.
     """
 
     def __init__(self, *args, gate_cfg=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.gate_cfg = None if gate_cfg is None else parse_gate_cfg(gate_cfg)
         self._gate_norm_cfg = kwargs.get('norm_cfg') or dict(type='BN')
-        # 'mask' or 'skip' (see skip_execution.py); set_gate_execution
-        # switches it on a built model.
-        self.gate_execution = 'mask' if gate_cfg is None \
-            else self.gate_cfg['execution']
+        self.skip_runner = None
 
     @property
     def gated(self) -> bool:
         return self.gate_cfg is not None
 
-    def _activate(self, out, norm, gate, name, produced_by, consumed_by):
-        """``relu(norm(out))``, times the gate of module ``name`` if
-        gated."""
-        if gate is None:
-            return self.relu(norm(out))
-        module = getattr(self, name)
-        map_size = tuple(out.shape[2:])
-        if module.map_size != map_size or module.controlled_macs is None:
-            module.map_size = map_size
-            module.controlled_macs = channel_macs(produced_by, consumed_by,
-                                                  *map_size)
-        if type(self.relu) is torch.nn.ReLU \
-                and not torch.jit.is_tracing():
-            return batch_norm_gated_relu(out, norm, gate)
-        # Other activations, and the MAC counters' traces, which count
-        # the norm and the product as the operations they are.
-        out = self.relu(norm(out))
-        return out * gate.to(out.dtype)[:, :, None, None]
+    @property
+    def gate_execution(self) -> str:
+        """``'skip'`` or ``'mask'``; set with ``set_gate_execution``."""
+        return 'mask' if self.skip_runner is None else 'skip'
+
+    def gates(self, x):
+        """The block's gates for input ``x``, in ``gate_names`` order (None
+        where the block has no such gate)."""
+        return [getattr(self, name)(x) if hasattr(self, name) else None
+                for name in self.gate_names]
+
+    def forward(self, x):
+        """``relu(residual(x, G(x)) + shortcut(x))``."""
+        if self.skip_runner is not None:
+            return self.skip_runner(x)
+        # The gates are computed outside the checkpointed function so that
+        # their outputs keep a graph for the gate losses under with_cp.
+        gates = self.gates(x)
+
+        def residual_plus_shortcut(x, *gates):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.residual(x, *gates)
+            drop_path = getattr(self, 'drop_path', None)  # mmpretrain only
+            if drop_path is not None:
+                out = drop_path(out)
+            return out + identity
+
+        if self.with_cp and x.requires_grad:
+            out = cp.checkpoint(residual_plus_shortcut, x, *gates,
+                                use_reentrant=False)
+        else:
+            out = residual_plus_shortcut(x, *gates)
+        return self.relu(out)
 
     def gated_convs(self):
         """The convolutions of the residual branch with the names of the
@@ -124,47 +146,34 @@ class _GatedBlockMixin:
         return [(conv, ([None] + present)[i], (present + [None])[i])
                 for i, conv in enumerate(convs)]
 
-    def _gates(self, x):
-        modules = self._modules
-        return [modules[name](x) if name in modules else None
-                for name in self.gate_names]
+    def gated_map_sizes(self, input_size):
+        """Spatial size of the map each gate of the block multiplies, for a
+        block input of ``input_size`` ``(H, W)``.
 
-    def _shortcut(self, x):
-        return x if self.downsample is None else self.downsample(x)
+        Returns:
+            dict[str, tuple[int, int]]: Gate name to ``(H, W)``.
+        """
+        sizes, size = {}, tuple(input_size)
+        for conv, _, out_gate in self.gated_convs()[:-1]:
+            size = conv_output_size(conv, *size)
+            if out_gate is not None:
+                sizes[out_gate] = size
+        return sizes
 
-    def _inner_forward(self, x, *gates):
-        """Residual branch plus shortcut, before the final activation."""
-        identity = self._shortcut(x)
-        out = self._residual(x, *gates)
-        drop_path = self._modules.get('drop_path')  # mmpretrain only
-        if drop_path is not None:
-            out = drop_path(out)
-        # In place, as upstream: no backward needs the branch output.
-        out += identity
-        return out
+    def controlled_macs(self, input_size):
+        """MACs that one channel of each gate controls (its filter and the
+        next convolution's input slice), for a block input of
+        ``input_size``.
 
-    def forward(self, x):
-        """Forward with gates computed from the block input ``x``."""
-        if self.gate_execution == 'skip':
-            return self._skip_forward(x)
-        # The gates are computed outside the checkpointed function so that
-        # their outputs keep a graph for the gate losses under with_cp.
-        gates = self._gates(x)
-        if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(self._inner_forward, x, *gates,
-                                use_reentrant=False)
-        else:
-            out = self._inner_forward(x, *gates)
-        return self.relu(out)
-
-    def _skip_forward(self, x):
-        """Forward in skip execution (eval only, where drop path is the
-        identity): the shortcut and the final ReLU go into the residual
-        branch's last convolution."""
-        check_skip_mode(self)
-        gates = self._gates(x)
-        identity = self._shortcut(x)
-        return skip_residual(self, x, *gates, shortcut=identity, relu=True)
+        Returns:
+            dict[str, float]: Gate name to MACs.
+        """
+        convs = self.gated_convs()
+        sizes = self.gated_map_sizes(input_size)
+        return {out_gate: channel_macs(conv, convs[i + 1][0],
+                                       *sizes[out_gate])
+                for i, (conv, _, out_gate) in enumerate(convs[:-1])
+                if out_gate is not None}
 
 
 class GatedBasicBlockMixin(_GatedBlockMixin):
@@ -179,9 +188,10 @@ class GatedBasicBlockMixin(_GatedBlockMixin):
                                     self.conv1.out_channels, self.gate_cfg,
                                     self._gate_norm_cfg)
 
-    def _residual(self, x, gate):
-        out = self._activate(self.conv1(x), self.norm1, gate, 'gate',
-                             self.conv1, self.conv2)
+    def residual(self, x, gate):
+        """``W2 * (G(x) . relu(W1 * x))`` of Eq. 4, with the norms."""
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = gate_mul(out, gate)
         return self.norm2(self.conv2(out))
 
 
@@ -212,13 +222,13 @@ class GatedBottleneckMixin(_GatedBlockMixin):
                 out, getattr(self, f'after_{position}_plugin_names'))
         return out
 
-    def _residual(self, x, gate1, gate2):
-        out = self._activate(self.conv1(x), self.norm1, gate1, 'gate1',
-                             self.conv1, self.conv2)
-        out = self._plugins(out, 'conv1')
-        out = self._activate(self.conv2(out), self.norm2, gate2, 'gate2',
-                             self.conv2, self.conv3)
-        out = self._plugins(out, 'conv2')
+    def residual(self, x, gate1, gate2):
+        """``W3 * (G2(x) . relu(W2 * (G1(x) . relu(W1 * x))))``, with the
+        norms (and mmseg's plugins after each convolution)."""
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self._plugins(gate_mul(out, gate1), 'conv1')
+        out = self.relu(self.norm2(self.conv2(out)))
+        out = self._plugins(gate_mul(out, gate2), 'conv2')
         return self._plugins(self.norm3(self.conv3(out)), 'conv3')
 
 

@@ -2,7 +2,8 @@
 classifier."""
 import torch
 
-from .gates import clear_gates, gate_modules
+from .blocks import is_gated_block
+from .gates import clear_gates, collect_gates, gate_modules
 
 SHAPED_QUANTITIES = ('probs', 'relaxed')
 
@@ -51,7 +52,6 @@ class GateLossMixin:
             raise ValueError(f'shaped_quantity {shaped_quantity!r} is not '
                              f'one of {SHAPED_QUANTITIES}')
         self.shaped_quantity = shaped_quantity
-        self._dense_macs_cache = {}
         self.batch_shaping_loss = self.models_registry.build(
             batch_shaping_loss) if batch_shaping_loss else None
         self.l0_loss = self.models_registry.build(
@@ -59,12 +59,9 @@ class GateLossMixin:
 
     def loss(self, inputs, data_samples) -> dict:
         """The parent's losses plus :meth:`gate_losses`."""
-        # One traversal of the model per step (some 0.3 ms for a ResNet):
-        # the gates cleared before the forward are those read after it.
-        gates = list(gate_modules(self).values())
-        clear_gates(gates)
+        clear_gates(self)
         losses = super().loss(inputs, data_samples)
-        losses.update(self.gate_losses(gates))
+        losses.update(self.gate_losses())
         return losses
 
     def predict(self, inputs, data_samples=None):
@@ -73,63 +70,69 @@ class GateLossMixin:
         Adds to the metainfo of every returned data sample, for
         :class:`mmgated.evaluation.GateMetric` and the analysis tools:
         ``gate_open`` (dict: gate name to the sample's 0/1 decisions, a
-        bool tensor), ``conditional_macs`` and ``dense_macs`` (float, whole
-        inference network, see :func:`mmgated.analysis.count_macs`).
+        bool tensor), ``gate_input_sizes`` (dict: gate name to the ``(H, W)``
+        of the block input it saw) and ``model_input_shape`` (``(C, H, W)``
+        of the batch the model ran). MACs are counted from these by
+        :mod:`mmgated.analysis`, not here.
         """
-        from ..analysis.macs import dense_macs, gated_savings
-        shape = tuple(inputs.shape[1:])
-        if shape not in self._dense_macs_cache:
-            self._dense_macs_cache[shape] = dense_macs(self, inputs[:1])
         clear_gates(self)
         results = super().predict(inputs, data_samples)
-        if not self._gates_cover_batch(inputs.shape[0]):
+        gates = collect_gates(self)
+        if not self._gates_cover_batch(gates, inputs.shape[0]):
             return results
-        counted = self._dense_macs_cache[shape]
-        dense = counted['total'] - counted['gating']
-        conditional = counted['total'] - gated_savings(self)
-        gates = {name: module.output.gates.detach().bool().cpu()
-                 for name, module in gate_modules(self).items()
-                 if module.output is not None}
+        gate_open = {name: g.gates.detach().bool().cpu()
+                     for name, g in gates.items()}
+        sizes = {name: tuple(g.input_size) for name, g in gates.items()}
         for i, sample in enumerate(results):
             sample.set_metainfo(
                 dict(
-                    gate_open={k: v[i] for k, v in gates.items()},
-                    conditional_macs=float(conditional[i]),
-                    dense_macs=float(dense)))
+                    gate_open={k: v[i] for k, v in gate_open.items()},
+                    gate_input_sizes=sizes,
+                    model_input_shape=tuple(inputs.shape[1:])))
         return results
 
-    def _gates_cover_batch(self, batch_size) -> bool:
+    def _gates_cover_batch(self, gates, batch_size) -> bool:
         # Sliding-window inference runs the backbone once per crop; the
         # recorded gates then describe the last crop only.
-        for module in gate_modules(self).values():
-            output = module.output
-            if output is None or output.gates.shape[0] != batch_size:
-                return False
+        if len(gates) != len(gate_modules(self)) or any(
+                g.gates.shape[0] != batch_size for g in gates.values()):
+            return False
         test_cfg = getattr(self, 'test_cfg', None) or {}
         return test_cfg.get('mode', 'whole') == 'whole'
 
-    def gate_losses(self, gates=None) -> dict:
-        """Gate losses and statistics of the last forward pass.
+    def controlled_macs(self, gates) -> list:
+        """The MACs one channel of each gate controls, at the map sizes of
+        the recorded batch (for ``GateL0Loss(weighting='macs')``).
 
         Args:
-            gates (list[ChannelGate], optional): The gating modules to
-                read. Default: all of the model's.
+            gates (dict[str, GateOutput]): As :func:`collect_gates` gives.
+
+        Returns:
+            list[float]: One figure per gate, in the order of ``gates``.
+        """
+        macs = {}
+        for block_name, block in self.named_modules():
+            if is_gated_block(block):
+                for name in block.gate_names:
+                    full = f'{block_name}.{name}'
+                    if full in gates:
+                        macs[full] = block.controlled_macs(
+                            gates[full].input_size)[name]
+        return [macs[name] for name in gates]
+
+    def gate_losses(self) -> dict:
+        """Gate losses and statistics of the last forward pass.
 
         Returns:
             dict: ``loss_bs`` and ``loss_l0`` where their loss exists and its
             weight is not 0, and ``gate_open_rate`` (the mean of the hard
             gates, a logged scalar that is not summed into the loss).
         """
-        if gates is None:
-            gates = gate_modules(self).values()
-        outputs, macs = [], []
-        for module in gates:
-            if module.output is not None:
-                outputs.append(module.output)
-                macs.append(module.controlled_macs)
-        if not outputs:
+        gates = collect_gates(self)
+        if not gates:
             raise RuntimeError('no gate ran in the forward pass; is the '
                                'backbone gated in the stages that run?')
+        outputs = list(gates.values())
         losses = {}
         bs = self.batch_shaping_loss
         if bs is not None and bs.loss_weight != 0:
@@ -138,6 +141,8 @@ class GateLossMixin:
             losses[bs.loss_name] = bs(shaped)
         l0 = self.l0_loss
         if l0 is not None and l0.loss_weight != 0:
+            macs = self.controlled_macs(gates) \
+                if l0.weighting == 'macs' else None
             losses[l0.loss_name] = l0([o.probs for o in outputs], macs)
         with torch.no_grad():
             hard = torch.cat([o.gates.detach().float() for o in outputs], 1)

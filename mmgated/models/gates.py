@@ -4,17 +4,18 @@ all gates of a model.
 A :class:`ChannelGate` is the gating module of the paper (section 4.1): global
 average pooling of the block input, ``FC(c_in -> 16)``, BN, ReLU,
 ``FC(16 -> c)`` giving one logit per gated channel, followed by a Binary
-Concrete gate (hard decision forward, ``sigmoid(x / tau)`` backward).
+Concrete gate (hard decision forward, ``sigmoid((logit + noise) / tau)``
+backward).
 
-Every forward pass stores the batch's gate logits, probabilities, relaxed
-samples and hard decisions on the gate module itself (overwriting the previous
-batch, so nothing accumulates); :func:`collect_gates` returns them for a whole
-model, keyed by module name. Losses and analysis read gates only through it.
+Every forward pass stores the batch's :class:`GateOutput` on the gate module
+(overwriting the previous batch, so nothing accumulates); :func:`collect_gates`
+returns them for a whole model, keyed by module name. Losses, metrics and
+analysis read gates only through it.
 """
 import math
 from collections import OrderedDict
 from numbers import Real
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -22,11 +23,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, is_model_wrapper
-
-from ..ops.gate_logits import gate_logits_unchecked
-from .folding import bn_scale_shift, cached_on, norm_sources
-from .fused_gate import (fused_training_gate, logistic_noise,
-                         relaxed_sample_grad)
 
 GATE_CFG_DEFAULTS = dict(
     hidden_channels=16,
@@ -40,7 +36,7 @@ GATE_POSITIONS = ('after_conv1', 'after_conv2', 'both')
 GATE_EXECUTIONS = ('mask', 'skip')
 
 
-class GateOutput:
+class GateOutput(NamedTuple):
     """What one gate computed for the last batch.
 
     Attributes:
@@ -52,41 +48,20 @@ class GateOutput:
         gates (Tensor): ``(N, C)`` the hard 0/1 decisions the block applied;
             in training they carry the straight-through gradient of
             ``relaxed``.
-
-    ``probs`` and ``relaxed`` may be given as ``None`` together with ``tau``:
-    they are then computed from ``logits`` (without noise) when first read,
-    so that inference, which needs only the decisions, does not pay for them.
+        input_size (tuple[int, int]): Spatial size ``(H, W)`` of the block
+            input the gate saw, from which the analysis derives the size of
+            every gated map.
     """
+    logits: torch.Tensor
+    probs: torch.Tensor
+    relaxed: torch.Tensor
+    gates: torch.Tensor
+    input_size: Tuple[int, int]
 
-    __slots__ = ('logits', 'gates', '_probs', '_relaxed', '_tau')
 
-    def __init__(self, logits: torch.Tensor, probs: Optional[torch.Tensor],
-                 relaxed: Optional[torch.Tensor], gates: torch.Tensor,
-                 tau: Optional[float] = None):
-        if (probs is None or relaxed is None) and tau is None:
-            raise ValueError('GateOutput needs tau to compute probs or '
-                             'relaxed that are not given')
-        self.logits = logits
-        self.gates = gates
-        self._probs = probs
-        self._relaxed = relaxed
-        self._tau = tau
-
-    @property
-    def probs(self) -> torch.Tensor:
-        if self._probs is None:
-            self._probs = torch.sigmoid(self.logits)
-        return self._probs
-
-    @property
-    def relaxed(self) -> torch.Tensor:
-        if self._relaxed is None:
-            self._relaxed = torch.sigmoid(self.logits / self._tau)
-        return self._relaxed
-
-    def __repr__(self):
-        return (f'GateOutput(logits={tuple(self.logits.shape)}, '
-                f'open={float(self.gates.float().mean()):.3f})')
+def _is_number(value) -> bool:
+    return (isinstance(value, Real) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def parse_gate_cfg(gate_cfg: Optional[dict]) -> dict:
@@ -94,12 +69,12 @@ def parse_gate_cfg(gate_cfg: Optional[dict]) -> dict:
 
     Args:
         gate_cfg (dict, optional): Any of ``hidden_channels`` (int >= 1,
-            default 16), ``tau`` (> 0, default 2/3), ``init_bias`` (initial
-            logit, default 3.0, i.e. about 95 % of the gates open),
-            ``position`` (Bottleneck only: one of ``'after_conv1'``,
-            ``'after_conv2'`` (default), ``'both'``), ``stages`` (indices of
-            the stages whose blocks are gated; ``None`` gates all) and
-            ``execution`` (``'mask'`` or ``'skip'``).
+            default 16), ``tau`` (finite, > 0, default 2/3), ``init_bias``
+            (finite initial logit, default 3.0, i.e. about 95 % of the gates
+            open), ``position`` (Bottleneck only: one of ``'after_conv1'``,
+            ``'after_conv2'`` (default), ``'both'``), ``stages`` (a list of
+            the indices of the stages whose blocks are gated; ``None`` gates
+            all) and ``execution`` (``'mask'`` or ``'skip'``).
 
     Returns:
         dict: The complete configuration.
@@ -118,12 +93,11 @@ def parse_gate_cfg(gate_cfg: Optional[dict]) -> dict:
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError('gate_cfg hidden_channels must be an integer >= 1, '
                          f'got {hidden!r}')
-    tau = cfg['tau']
-    if not isinstance(tau, Real) or not tau > 0 or not math.isfinite(tau):
-        raise ValueError(f'gate_cfg tau must be a finite number > 0, '
-                         f'got {tau!r}')
-    if not isinstance(cfg['init_bias'], Real):
-        raise ValueError('gate_cfg init_bias must be a number, got '
+    if not _is_number(cfg['tau']) or not cfg['tau'] > 0:
+        raise ValueError('gate_cfg tau must be a finite number > 0, got '
+                         f'{cfg["tau"]!r}')
+    if not _is_number(cfg['init_bias']):
+        raise ValueError('gate_cfg init_bias must be a finite number, got '
                          f'{cfg["init_bias"]!r}')
     if cfg['position'] not in GATE_POSITIONS:
         raise ValueError(f'gate_cfg position {cfg["position"]!r} does not '
@@ -132,6 +106,9 @@ def parse_gate_cfg(gate_cfg: Optional[dict]) -> dict:
         raise ValueError(f'gate_cfg execution {cfg["execution"]!r} is not '
                          f'one of {GATE_EXECUTIONS}')
     if cfg['stages'] is not None:
+        if not isinstance(cfg['stages'], (list, tuple)):
+            raise ValueError('gate_cfg stages must be None or a list of '
+                             f'stage indices, got {cfg["stages"]!r}')
         cfg['stages'] = tuple(cfg['stages'])
     return cfg
 
@@ -148,25 +125,10 @@ def check_gated_stages(stages, num_stages: int) -> None:
                          f'has stages 0..{num_stages - 1}')
 
 
-class _BinaryConcrete(torch.autograd.Function):
-    """Hard sample forward, relaxed gradient backward, as one autograd node
-    (it runs for every gate of every training step)."""
-
-    @staticmethod
-    def forward(ctx, logits, noise, tau):
-        ctx.set_materialize_grads(False)
-        noisy = logits + noise
-        relaxed = torch.sigmoid(noisy / tau)
-        hard = (noisy > 0).to(logits.dtype)
-        ctx.save_for_backward(relaxed)
-        ctx.tau = tau
-        return hard, relaxed
-
-    @staticmethod
-    def backward(ctx, grad_hard, grad_relaxed):
-        (relaxed, ) = ctx.saved_tensors
-        return relaxed_sample_grad(grad_hard, grad_relaxed, relaxed,
-                                   ctx.tau), None, None
+def logistic_noise(like: torch.Tensor) -> torch.Tensor:
+    """Logistic(0, 1) noise ``log(u) - log(1 - u)``, shaped like ``like``."""
+    # u kept in [1e-6, 1 - 1e-6] so that the noise stays finite.
+    return torch.rand_like(like).logit_(eps=1e-6)
 
 
 def binary_concrete(logits: torch.Tensor,
@@ -175,7 +137,7 @@ def binary_concrete(logits: torch.Tensor,
     """Hard Binary Concrete sample with the relaxed gradient.
 
     The forward value is the hard decision ``logits + noise > 0`` (the
-    binary Gumbel-max trick); the backward pass is the gradient of
+    binary Gumbel-max trick); the gradient is that of the relaxed sample
     ``sigmoid((logits + noise) / tau)`` (straight-through estimator).
 
     Args:
@@ -185,18 +147,16 @@ def binary_concrete(logits: torch.Tensor,
             gradient flows to it.
 
     Returns:
-        tuple[Tensor, Tensor]: The hard gates (0/1 in value) and the relaxed
-        sample.
+        tuple[Tensor, Tensor]: The hard gates (exactly 0 or 1 in value) and
+        the relaxed sample.
     """
     if noise is None:
-        noise = logistic_noise(logits.shape, logits)
-    return _BinaryConcrete.apply(logits, noise.detach(), float(tau))
-
-
-def _world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+        noise = logistic_noise(logits)
+    noisy = logits + noise.detach()
+    relaxed = torch.sigmoid(noisy / tau)
+    hard = (noisy > 0).to(logits.dtype)
+    # relaxed - relaxed.detach() is exactly 0: the value stays hard.
+    return hard + (relaxed - relaxed.detach()), relaxed
 
 
 class ChannelGate(BaseModule):
@@ -241,29 +201,8 @@ class ChannelGate(BaseModule):
         nn.init.normal_(self.fc2.weight, std=0.01)
         nn.init.constant_(self.fc2.bias, float(init_bias))
         self.output: Optional[GateOutput] = None
-        # MACs one gated channel controls at the last input's resolution; set
-        # by the block that applies the gate (see GateL0Loss 'macs').
-        self.controlled_macs: Optional[float] = None
-        # Spatial size of the gated map at the last forward.
-        self.map_size: Optional[tuple] = None
         self.forced: Union[None, bool, float] = None
         self.force_generator: Optional[torch.Generator] = None
-
-    def _normalize(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.view(*hidden.shape, 1, 1)
-        norm = self.norm
-        single_value = hidden.shape[0] == 1
-        if (self.training and single_value
-                and isinstance(norm, nn.modules.batchnorm._BatchNorm)
-                and not (isinstance(norm, nn.SyncBatchNorm)
-                         and _world_size() > 1)):
-            # One sample has no batch variance: normalise it with the running
-            # statistics instead of failing, so batch size 1 trains.
-            hidden = F.batch_norm(hidden, norm.running_mean, norm.running_var,
-                                  norm.weight, norm.bias, False, 0.0, norm.eps)
-        else:
-            hidden = norm(hidden)
-        return hidden.view(hidden.shape[:2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Compute the gates of a batch.
@@ -272,89 +211,51 @@ class ChannelGate(BaseModule):
             x (Tensor): Block input of shape ``(N, C_in, H, W)``.
 
         Returns:
-            Tensor: Gates of shape ``(N, out_channels)``, 0 or 1 in value, of
-            the dtype of the logits; in training differentiable through the
-            straight-through Binary Concrete estimator.
+            Tensor: Gates of shape ``(N, out_channels)``, 0 or 1 in value; in
+            training differentiable through the straight-through Binary
+            Concrete estimator.
         """
-        if self.training:
-            # The same computation as the layers below, as one autograd node,
-            # where it applies.
-            fused = fused_training_gate(self, x)
-            if fused is not None:
-                return self._record(*fused)
-        tracing = torch.jit.is_tracing()
-        if not (self.training or torch.is_grad_enabled() or tracing):
-            # Inference: BN folded into fc1, the whole module one compiled
-            # call where it can be (mmgated.ops.gate_logits). (Traced, for
-            # the MAC counters, the gate runs as the layers the paper
-            # counts.)
-            folded = self._folded_inference()
-            if folded is not None:
-                logits, gates = gate_logits_unchecked(x, *folded)
-                return self._record(logits, None, None, gates)
-        if tracing:
-            # The MAC counters count the pooling as an aten::mean.
-            pooled = x.mean(dim=(2, 3))
-        else:
-            # sum * 1/(H*W) rather than mean: the backward of sum broadcasts
-            # the gradient as a view, where mean's writes a full-size tensor.
-            pooled = x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
-        logits = self.fc2(F.relu(self._normalize(self.fc1(pooled))))
+        pooled = x.mean(dim=(2, 3))
+        hidden = F.relu(self._normalize(self.fc1(pooled)))
+        logits = self.fc2(hidden)
         if self.training:
             gates, relaxed = binary_concrete(logits, self.tau)
-            return self._record(logits, torch.sigmoid(logits), relaxed,
-                                gates)
-        # Eval: no noise; probs and relaxed are computed from the logits
-        # only if read (see GateOutput), as inference needs the decisions
-        # alone.
-        return self._record(logits, None, None, (logits > 0).to(logits.dtype))
-
-    def _record(self, logits, probs, relaxed, gates):
-        """Apply any forcing, store the batch's :class:`GateOutput` and
-        return the gates."""
+        else:
+            relaxed = torch.sigmoid(logits / self.tau)
+            gates = (logits > 0).to(logits.dtype)
         if self.forced is not None:
             gates = self._forced_gates(logits)
-        # Bypasses nn.Module.__setattr__, which only files tensors and
-        # modules; `output` is neither.
-        self.__dict__['output'] = GateOutput(logits, probs, relaxed, gates,
-                                             self.tau)
+        self.output = GateOutput(logits, torch.sigmoid(logits), relaxed,
+                                 gates, tuple(x.shape[2:]))
         return gates
 
-    def _folded_inference(self):
-        """``(fc1 weight, fc1 bias, fc2 weight, fc2 bias)`` for inference:
-        fc1 with the eval-mode BN folded in, all contiguous; cached until a
-        parameter or statistic changes. ``None`` for a norm that is not a
-        BN with running statistics."""
-        modules = self._modules
-        norm = modules['norm']
-        if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
-            return None
-        stats = norm_sources(norm)
-        if stats[0] is None:  # no running statistics
-            return None
-        fc1, fc2 = modules['fc1']._parameters, modules['fc2']._parameters
-        sources = (fc1['weight'], fc2['weight'], fc2['bias']) + stats
-
-        def build():
-            scale, shift = bn_scale_shift(norm)
-            return (sources[0] * scale[:, None], shift.contiguous(),
-                    sources[1].contiguous(), sources[2].contiguous())
-
-        return cached_on(self, '_folded', sources, build)
+    def _normalize(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden layer's norm, on ``(N, C)`` as an ``(N, C, 1, 1)``
+        map (the block's norm_cfg builds 2-d norms)."""
+        norm = self.norm
+        hidden = hidden[:, :, None, None]
+        synchronised = isinstance(norm, nn.SyncBatchNorm) and (
+            dist.is_available() and dist.is_initialized())
+        if (self.training and hidden.shape[0] == 1 and not synchronised
+                and isinstance(norm, nn.modules.batchnorm._BatchNorm)):
+            # One sample has no batch variance: normalise it with the running
+            # statistics instead of failing, so batch size 1 trains.
+            hidden = F.batch_norm(hidden, norm.running_mean, norm.running_var,
+                                  norm.weight, norm.bias, False, 0.0, norm.eps)
+        else:
+            hidden = norm(hidden)
+        return hidden.flatten(1)
 
     def _forced_gates(self, logits: torch.Tensor) -> torch.Tensor:
-        # p = 1 and p = 0 need no draw: rand() lies in [0, 1).
-        if self.forced is True or self.forced == 1.0:
+        if self.forced is True:
             return torch.ones_like(logits)
-        if self.forced is False or self.forced == 0.0:
+        if self.forced is False:
             return torch.zeros_like(logits)
         generator = self.force_generator
         draw = torch.rand(
             logits.shape, generator=generator,
             device=logits.device if generator is None else generator.device)
-        # Compared in place: 1.0 or 0.0 in the draw's dtype, one operation
-        # instead of a bool tensor and its conversion.
-        return draw.lt_(self.forced).to(logits)
+        return (draw < self.forced).to(logits)
 
     def extra_repr(self) -> str:
         return f'tau={self.tau:.4g}'
@@ -378,8 +279,8 @@ def gate_modules(model: nn.Module) -> Dict[str, ChannelGate]:
 def collect_gates(model: nn.Module) -> Dict[str, GateOutput]:
     """The gates of the last forward pass of every gated block.
 
-    This is the one API for losses and analysis to read gates. Each gate
-    module keeps only its last batch, so memory does not grow across
+    This is the one API for losses, metrics and analysis to read gates. Each
+    gate module keeps only its last batch, so memory does not grow across
     iterations, and under ``torch.no_grad()`` the stored tensors hold no
     graph. Under DDP each process sees its own (local) batch.
 
@@ -402,8 +303,7 @@ def clear_gates(model: Union[nn.Module, Iterable[ChannelGate]]) -> None:
     gates = (gate_modules(model).values()
              if isinstance(model, nn.Module) else model)
     for m in gates:
-        # Past nn.Module.__setattr__, as ChannelGate._record writes it.
-        m.__dict__['output'] = None
+        m.output = None
 
 
 class force_gates:
@@ -435,7 +335,8 @@ class force_gates:
                 raise ValueError(
                     'force_gates value must be True, False, None or a '
                     f'probability in [0, 1], got {value!r}')
-            value = float(value)
+            # p = 1 and p = 0 need no draw.
+            value = {1: True, 0: False}.get(value, float(value))
         self.gates = list(gate_modules(model).values())
         if not self.gates:
             raise ValueError('force_gates: the model has no ChannelGate')

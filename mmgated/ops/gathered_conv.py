@@ -12,12 +12,13 @@ convolutions of ResNet blocks, dilated or not),
             + residual[rows])
 
 without copying the selected part of ``W`` out and without im2col (the
-compiled function makes one zero-padded copy of ``x``). At batch 1 a convolution reads its whole weight for
-few pixels; PyTorch's path gathers the open channels (a pass through memory)
-and oneDNN reorders the copy into its blocked layout on every call (another)
-before it computes. Skip execution uses this for the stride-1 convolutions
-of a single sample (see :mod:`mmgated.models.skip_execution`), with the
-block's shortcut as ``residual``.
+compiled function makes one zero-padded copy of ``x``). At batch 1 a
+convolution reads its whole weight for few pixels; PyTorch's path gathers
+the open channels (a pass through memory) and oneDNN reorders the copy into
+its blocked layout on every call (another) before it computes. Skip execution's compiled backend uses this for the
+stride-1 convolutions of a single sample (see
+:mod:`mmgated.models.skip_backends.compiled_cpu`), with the block's
+shortcut as ``residual``.
 
 The product runs as a small C function (``csrc/gathered_product.c``, built
 on first use, see :mod:`mmgated.ops.native`); without it,
@@ -64,12 +65,12 @@ def keeps_size(kernel_size, padding, dilation) -> bool:
 def direct_conv_fast() -> bool:
     """Whether :func:`gathered_conv2d` runs compiled with its AVX-512
     tiles. Only then is it faster than gathering the open weights for
-    oneDNN, so skip execution uses it only then (the result is the same
-    either way)."""
+    oneDNN, so skip execution's ``backend='auto'`` picks the compiled
+    backend only then (the result is the same either way)."""
     library = native_library()
     if library is None:
         return False
-    # Asked once per loaded library: skip execution asks per convolution.
+    # Asked once per loaded library.
     fast = library.__dict__.get('_mmgated_vectorized')
     if fast is None:
         function = native_function('gathered_product_vectorized', [],
@@ -156,8 +157,9 @@ def gathered_conv2d_unchecked(x, weight, bias, padding, dilation, rows,
                               col_groups, residual, relu) -> torch.Tensor:
     """:func:`gathered_conv2d` without its argument checks except the
     indices' range (in the compiled function), for callers that guarantee
-    the rest (skip execution calls it about 30 times per ResNet-34
-    forward, where the checks would cost about 1 ms); ``padding`` and
+    the rest (skip execution's compiled backend calls it about 30 times
+    per ResNet-34 forward, where the checks would cost about 1 ms);
+    ``padding`` and
     ``dilation`` are pairs."""
     out_channels, in_channels, kh, kw = weight.shape
     function = native_function('gathered_conv', _ARGTYPES, ctypes.c_int)

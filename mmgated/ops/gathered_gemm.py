@@ -13,8 +13,8 @@ of a convolution's open input channels and ``G = kh * kw`` it is the
 convolution of the open channels. At batch 1 on small maps a convolution is
 bound by reading its weight, and the gather (one more read and write of the
 selected weights) plus oneDNN's reorder of the gathered copy (another) cost
-more than the product itself; skip execution uses this product there (see
-:mod:`mmgated.models.skip_execution`).
+more than the product itself; skip execution's compiled backend uses this
+product there (see :mod:`mmgated.models.skip_backends.compiled_cpu`).
 
 The product runs as a small C function (``csrc/gathered_product.c``, built on
 first use, see :mod:`mmgated.ops.native`); without it,

@@ -1,7 +1,8 @@
 """Build and load mmgated's compiled operations.
 
-The C sources in ``csrc/`` are compiled into one shared library with the
-system C compiler the first time an operation needs it, and cached in
+The C source ``csrc/gathered_product.c`` (skip execution's products over
+open channels) is compiled into a shared library with the system C compiler
+the first time an operation needs it, and cached in
 ``$MMGATED_CACHE/ops`` (default ``~/.cache/mmgated/ops``), keyed by the
 sources, the flags and the CPU (``-march=native``). The library links
 against the OpenMP runtime that torch has already loaded. Where no compiler
@@ -10,7 +11,6 @@ with PyTorch operations; ``MMGATED_NATIVE=0`` turns the compiled versions
 off.
 """
 import ctypes
-import glob
 import hashlib
 import os
 import os.path as osp
@@ -21,16 +21,11 @@ import subprocess
 import tempfile
 import warnings
 
-import torch
-
-_SOURCES = sorted(glob.glob(osp.join(osp.dirname(__file__), 'csrc', '*.c')))
+_SOURCES = (osp.join(osp.dirname(__file__), 'csrc', 'gathered_product.c'), )
 # Tried in order; the first set the compiler accepts and whose library
 # loads is used. Without -march=native there are no AVX-512 tiles; without
-# -fopenmp one thread; without glibc's libmvec (vector logf and expf, which
-# need -fno-math-errno) the Beta CDF runs one value at a time.
+# -fopenmp one thread.
 _FLAG_SETS = (
-    ('-O3', '-march=native', '-fopenmp', '-fno-math-errno',
-     '-DMMGATED_LIBMVEC', '-lmvec'),
     ('-O3', '-march=native', '-fopenmp'),
     ('-O3', '-fopenmp'),
     ('-O3', ),
@@ -73,12 +68,9 @@ def _compile(compiler: str, flags, target: str) -> bool:
     except OSError:
         return False
     try:
-        # Libraries after the sources, or an as-needed linker drops them.
-        libraries = [f for f in flags if f.startswith('-l')]
-        options = [f for f in flags if not f.startswith('-l')]
         result = subprocess.run(
-            [*shlex.split(compiler), *options, '-shared', '-fPIC', *_SOURCES,
-             '-o', tmp, *libraries],
+            [*shlex.split(compiler), *flags, '-shared', '-fPIC', *_SOURCES,
+             '-o', tmp],
             capture_output=True, text=True)
         if result.returncode != 0:
             return False
@@ -146,26 +138,6 @@ def native_function(name: str, argtypes, restype=None):
         function.restype = restype
         function.argtypes = argtypes
     return function
-
-
-def float32_readable(*tensors) -> bool:
-    """Whether every given tensor (None allowed) is a contiguous float32
-    CPU tensor, as the compiled operations read them."""
-    for t in tensors:
-        if t is not None and (t.dtype != torch.float32 or t.device.type
-                              != 'cpu' or not t.is_contiguous()):
-            return False
-    return True
-
-
-def float32_function(signatures, name: str, *tensors):
-    """The compiled function ``name``, its ctypes signature taken from
-    ``signatures`` (name to ``(argtypes, restype)``), if every given tensor
-    (None allowed) is a contiguous float32 CPU tensor; else None: the
-    callers then compute the same with PyTorch operations."""
-    if not float32_readable(*tensors):
-        return None
-    return native_function(name, *signatures[name])
 
 
 def native_available() -> bool:

@@ -53,18 +53,11 @@ def collect_env() -> OrderedDict:
     try:
         from mmgated.ops.native import native_build_flags
         flags = native_build_flags()
-        env['mmgated compiled ops'] = 'not available (PyTorch ' \
+        env['mmgated skip-execution kernel'] = 'not available (PyTorch ' \
             'operations instead)' if flags is None else \
             f'available ({" ".join(flags)})'
     except Exception as e:
-        env['mmgated compiled ops'] = f'failed ({type(e).__name__}: {e})'
-    try:
-        from mmgated.ops.training_nodes import training_nodes
-        env['mmgated C++ training nodes'] = 'not available (Python autograd ' \
-            'Functions instead)' if training_nodes() is None else 'available'
-    except Exception as e:
-        env['mmgated C++ training nodes'] = \
-            f'failed ({type(e).__name__}: {e})'
+        env['mmgated skip-execution kernel'] = f'failed ({type(e).__name__}: {e})'
     try:
         import mmgated  # noqa: F401  registers the components
         from mmgated.registry import available_model_registries

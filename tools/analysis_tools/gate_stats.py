@@ -33,7 +33,7 @@ from mmgated.analysis.gate_stats import GateStatsCollector
 from mmgated.analysis.inference import (build_eval_dataloader, build_model,
                                         class_names, default_device,
                                         iterate_predictions, task_of)
-from mmgated.analysis.macs import dense_macs
+from mmgated.analysis.macs import MacCounter, dense_macs
 from mmgated.models import gate_modules
 from mmgated.utils.run_config import check_config_data, load_run_config
 
@@ -89,7 +89,8 @@ def collect(model, dataloader, task, names, threshold, max_samples=None):
         the resolution of the first batch.
     """
     collector = GateStatsCollector(
-        task, names, threshold=threshold, ignore_index=_ignore_index(model))
+        task, names, MacCounter(model), threshold=threshold,
+        ignore_index=_ignore_index(model))
     gating = None
     for inputs, samples in iterate_predictions(model, dataloader,
                                                max_samples):

@@ -27,7 +27,8 @@ from mmengine.config import DictAction
 import mmgated  # noqa: F401  shims and registration
 from mmgated.analysis.inference import (build_eval_dataloader, build_model,
                                         default_device, iterate_predictions)
-from mmgated.analysis.macs import analyzer_macs, aux_heads, count_macs
+from mmgated.analysis.macs import (MacCounter, analyzer_macs, aux_heads,
+                                   count_macs)
 from mmgated.models import gate_modules
 from mmgated.utils.run_config import check_config_data, load_run_config
 
@@ -129,14 +130,16 @@ def expected_macs(model, cfg, split, num_samples):
     """Mean conditional and dense MACs over ``num_samples`` samples."""
     loader = build_eval_dataloader(cfg, split)
     conditional, dense = [], []
+    counter = MacCounter(model)
     for _, samples in iterate_predictions(model, loader, num_samples):
         for sample in samples:
-            if 'conditional_macs' not in sample:
+            if 'gate_open' not in sample:
                 raise RuntimeError(
-                    'the predictions carry no conditional_macs; use '
+                    'the predictions carry no gate record; use '
                     "whole-image inference (test_cfg mode='whole')")
-            conditional.append(sample.conditional_macs)
-            dense.append(sample.dense_macs)
+            counted = counter(sample.metainfo)
+            conditional.append(counted['conditional_macs'])
+            dense.append(counted['dense_macs'])
     conditional, dense = np.array(conditional), np.array(dense)
     ratios = conditional / dense
     return dict(

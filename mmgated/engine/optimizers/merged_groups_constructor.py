@@ -13,7 +13,7 @@ modules' and the others'.
 """
 from typing import List, Optional, Union
 
-from mmengine.optim import DefaultOptimWrapperConstructor
+from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
@@ -64,6 +64,20 @@ class MergedGroupsOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
     Args: as :class:`~mmengine.optim.DefaultOptimWrapperConstructor`.
     """
+
+    def __call__(self, model: nn.Module) -> OptimWrapper:
+        """Build the optimizer wrapper, its parameter groups plain dicts.
+
+        From a config, the default constructor hands the groups to the
+        optimizer inside a ``ConfigDict``, which turns each into a
+        ``ConfigDict``; ``torch.compile`` cannot trace an optimizer step
+        over those (mmengine's ``compile=True`` compiles the whole
+        ``train_step``, the step included).
+        """
+        optim_wrapper = super().__call__(model)
+        groups = optim_wrapper.optimizer.param_groups
+        groups[:] = [dict(group) for group in groups]
+        return optim_wrapper
 
     def add_params(self,
                    params: List[dict],

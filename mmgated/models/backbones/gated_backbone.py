@@ -1,5 +1,6 @@
 """What every gated ResNet backbone adds to its upstream dense class."""
 from ..gates import check_gated_stages, gate_modules, parse_gate_cfg
+from ..skip_execution import set_gate_execution
 
 
 class GatedBackboneMixin:
@@ -28,6 +29,8 @@ class GatedBackboneMixin:
         super().__init__(*args, **kwargs)
         check_gated_stages(self.gate_cfg['stages'], self.num_stages)
         del self._next_stage
+        if self.gate_cfg['execution'] == 'skip':
+            set_gate_execution(self, 'skip')
 
     def train(self, mode: bool = True):
         """Upstream ``train``; ``norm_eval`` leaves the gates' norms training.

@@ -11,8 +11,6 @@ from numbers import Real
 import torch
 from mmengine.registry import Registry
 
-from ...ops.batch_shaping import beta_cdf_pdf
-
 PRIORS = Registry('batch-shaping prior')
 
 
@@ -29,44 +27,12 @@ class Prior:
 
     ``cdf`` receives values already clamped to ``support``; values beyond
     it are clamped (and get no gradient), values at its ends keep theirs.
-    A subclass may also give the density (``pdf``, the derivative of
-    ``cdf``); without it the density comes from autograd.
     """
 
     support = (-math.inf, math.inf)
 
     def cdf(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def pdf(self, x: torch.Tensor) -> torch.Tensor:
-        """The derivative of :meth:`cdf` at ``x`` (inside the support)."""
-        with torch.enable_grad():
-            x = x.detach().requires_grad_()
-            (density, ) = torch.autograd.grad(self.cdf(x).sum(), x)
-        return density
-
-    def cdf_and_pdf(self, x: torch.Tensor):
-        """``(F(x), F'(x))`` without autograd, as :meth:`__call__` and its
-        gradient give them: values beyond the support get the CDF of the
-        nearest end and density 0, values at an end keep theirs.
-
-        Returns:
-            tuple[Tensor, Tensor]: The CDF and the density, shaped like
-            ``x``.
-        """
-        low, high = self.support
-        with torch.no_grad():
-            if x.device.type == 'cpu' and x.numel():
-                # Gate probabilities lie in the support: on the CPU, where
-                # reading two numbers back costs no synchronisation, skip
-                # the clamp and the mask when they would change nothing.
-                smallest, largest = torch.aminmax(x)
-                if smallest >= low and largest <= high:
-                    return self.cdf(x), self.pdf(x)
-            clamped = x.clamp(low, high)
-            beyond = (x < low) | (x > high)
-            return self.cdf(clamped), self.pdf(clamped).masked_fill_(
-                beyond, 0.0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.support
@@ -220,23 +186,26 @@ class BetaPrior(Prior):
     support = (0.0, 1.0)
 
     def __init__(self, a: float = 0.6, b: float = 0.4, eps: float = 1e-6):
-        self.a = _check('a', a, lambda v: v > 0, 'a > 0')
-        self.b = _check('b', b, lambda v: v > 0, 'b > 0')
+        # The CDF table grows with a + b (see betainc_table); past 1000 its
+        # construction takes minutes.
+        self.a = _check('a', a, lambda v: 0 < v <= 1000, '0 < a <= 1000')
+        self.b = _check('b', b, lambda v: 0 < v <= 1000, '0 < b <= 1000')
         self.eps = _check('eps', eps, lambda v: 0 < v < 0.5, '0 < eps < 0.5')
         self.log_beta = (math.lgamma(self.a) + math.lgamma(self.b) -
                          math.lgamma(self.a + self.b))
-        # Built at the first call, then kept per device and dtype.
-        self._tables = {}
+        # Built here, outside any training step: built lazily inside a step
+        # that torch.compile traces, its continued fraction would be
+        # compiled too (minutes of inductor time).
+        cpu_table = betainc_table(self.a, self.b)
+        self._tables = {(torch.device('cpu'), torch.float64): cpu_table}
 
     def table(self, device, dtype) -> torch.Tensor:
-        """The CDF table (see :func:`betainc_table`) on a device/dtype."""
+        """The CDF table (see :func:`betainc_table`) on a device/dtype,
+        copied from the float64 CPU table once per device and dtype."""
         key = (torch.device(device), dtype)
         if key not in self._tables:
-            cpu = self._tables.get((torch.device('cpu'), torch.float64))
-            if cpu is None:
-                cpu = betainc_table(self.a, self.b)
-                self._tables[(torch.device('cpu'), torch.float64)] = cpu
-            self._tables[key] = cpu.to(device=device, dtype=dtype)
+            cpu_table = self._tables[(torch.device('cpu'), torch.float64)]
+            self._tables[key] = cpu_table.to(device=device, dtype=dtype)
         return self._tables[key]
 
     def cdf(self, x):
@@ -247,16 +216,6 @@ class BetaPrior(Prior):
 
     def pdf(self, x):
         return _beta_pdf(x, self.a, self.b, self.log_beta, self.eps)
-
-    def cdf_and_pdf(self, x):
-        if x.dtype == torch.float32 and x.device.type == 'cpu':
-            # One compiled pass (the training case) instead of some thirty
-            # small operations.
-            compiled = beta_cdf_pdf(x, self.table(x.device, x.dtype),
-                                    self.a, self.b, self.log_beta, self.eps)
-            if compiled is not None:
-                return compiled
-        return super().cdf_and_pdf(x)
 
 
 @PRIORS.register_module('gaussian')
@@ -274,10 +233,6 @@ class GaussianPrior(Prior):
 
     def cdf(self, x):
         return torch.special.ndtr((x - self.mean) / self.std)
-
-    def pdf(self, x):
-        z = (x - self.mean) / self.std
-        return torch.exp(-0.5 * z * z) / (self.std * math.sqrt(2 * math.pi))
 
 
 @PRIORS.register_module('uniform')
@@ -297,9 +252,6 @@ class UniformPrior(Prior):
 
     def cdf(self, x):
         return (x - self.low) / (self.high - self.low)
-
-    def pdf(self, x):
-        return torch.full_like(x, 1.0 / (self.high - self.low))
 
 
 def build_prior(cfg) -> Prior:
