@@ -23,9 +23,15 @@ val_evaluator = [
     dict(type='GateMetric')
 ]
 test_evaluator = val_evaluator
-# Gives GateMetric the model it counts MACs with (a default hook, so that a
-# config that replaces custom_hooks keeps it).
-default_hooks = dict(gate_metric=dict(type='GateMetricHook'))
+# Default hooks, so that a config that replaces custom_hooks keeps them:
+# GateMetricHook gives GateMetric the model it counts MACs with;
+# FiniteInputsHook stops training on a batch with NaN or infinity;
+# CheckpointIntegrityHook writes checkpoints atomically, with a checksum
+# (also for `mim train`, which does not go through tools/train.py).
+default_hooks = dict(
+    gate_metric=dict(type='GateMetricHook'),
+    finite_inputs=dict(type='FiniteInputsHook'),
+    checkpoint_integrity=dict(type='CheckpointIntegrityHook'))
 
 # Paper: "Weight decay for the layers in the gating units was set to 1e-6"
 # (1e-4 x 0.01).

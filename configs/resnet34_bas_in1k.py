@@ -23,9 +23,15 @@ model = dict(
 # Report the MAC ratio and the gate categories next to the accuracy.
 val_evaluator = [dict(type='Accuracy', topk=(1, 5)), dict(type='GateMetric')]
 test_evaluator = val_evaluator
-# Gives GateMetric the model it counts MACs with (a default hook, so that a
-# config that replaces custom_hooks keeps it).
-default_hooks = dict(gate_metric=dict(type='GateMetricHook'))
+# Default hooks, so that a config that replaces custom_hooks keeps them:
+# GateMetricHook gives GateMetric the model it counts MACs with;
+# FiniteInputsHook stops training on a batch with NaN or infinity;
+# CheckpointIntegrityHook writes checkpoints atomically, with a checksum
+# (also for `mim train`, which does not go through tools/train.py).
+default_hooks = dict(
+    gate_metric=dict(type='GateMetricHook'),
+    finite_inputs=dict(type='FiniteInputsHook'),
+    checkpoint_integrity=dict(type='CheckpointIntegrityHook'))
 # Paper (CIFAR-10, "similar settings" on ImageNet): no weight decay on the
 # gating modules.
 optim_wrapper = dict(

@@ -16,8 +16,10 @@ ResNet-50 PSPNet trains a step on a CPU in seconds. The ``*_TINY_SETTINGS``
 below, with :func:`write_tiny_config`, shrink a repository config to a few
 CPU iterations on them.
 """
+import importlib.util
 import os
 import os.path as osp
+import re
 
 import cv2
 import numpy as np
@@ -272,3 +274,24 @@ def write_tiny_config(path, base_config, settings, data_root):
     with open(path, 'w') as f:
         f.write(text)
     return str(path)
+
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def load_script(relative_path):
+    """Import a script of the repository (``tools/test.py`` would clash
+    with the standard library's ``test`` package as a plain import).
+
+    Args:
+        relative_path (str): E.g. ``'tools/train.py'``.
+
+    Returns:
+        module: The script as a module, under a name of its own.
+    """
+    name = '_script_' + re.sub(r'\W', '_', relative_path[:-3])
+    spec = importlib.util.spec_from_file_location(
+        name, osp.join(REPO, relative_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

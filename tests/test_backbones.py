@@ -371,7 +371,7 @@ def test_torchvision_checkpoint_loads_and_matches_torchvision(tmp_path):
     (seg_gated.GatedResNet, dict(depth=18, gate_cfg=dict(
         hidden_channels=0)), ValueError, 'hidden_channels.*>= 1.*0'),
     (seg_gated.GatedResNet, dict(depth=18, gate_cfg=dict(tau=0)),
-     ValueError, 'tau.*> 0.*0'),
+     ValueError, 'tau=0 is invalid.*> 0'),
     (seg_gated.GatedResNet, dict(depth=18, gate_cfg=dict(tau=-1.0)),
      ValueError, 'tau'),
     (seg_gated.GatedResNet, dict(depth=18, gate_cfg=dict(stages=(4, ))),

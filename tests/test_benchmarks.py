@@ -1,29 +1,20 @@
 """The benchmark scripts: what they force, count and report (no timing
 assertions; tiny inputs, one repeat)."""
-import importlib.util
-import os.path as osp
+import importlib
 
 import pytest
 import torch
 
+from data_utils import load_script
 from mmgated.models import ChannelGate
 
 pytest.importorskip('mmpretrain')
 
-BENCHMARKS = osp.join(osp.dirname(osp.dirname(__file__)), 'benchmarks')
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        name, osp.join(BENCHMARKS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gated_inference = _load('gated_inference')
-train_overhead = _load('train_overhead')
-gathered_conv = _load('gathered_conv')
+gated_inference = load_script('benchmarks/gated_inference.py')
+train_overhead = load_script('benchmarks/train_overhead.py')
+gathered_conv = load_script('benchmarks/gathered_conv.py')
 
 
 @pytest.fixture(autouse=True)

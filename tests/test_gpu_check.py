@@ -1,7 +1,6 @@
 """benchmarks/gpu_check.py on the CPU: the exit without CUDA, the summary
 and exit status, the timing arithmetic, and the training and skip == mask
 checks on a tiny gated model."""
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -11,31 +10,16 @@ import sys
 import pytest
 import torch
 
+from data_utils import REPO, load_script
+
 pytest.importorskip('mmpretrain')
 
-SCRIPT = osp.join(
-    osp.dirname(osp.dirname(osp.abspath(__file__))), 'benchmarks',
-    'gpu_check.py')
+SCRIPT = osp.join(REPO, 'benchmarks', 'gpu_check.py')
+
+gpu_check = load_script('benchmarks/gpu_check.py')
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location('gpu_check', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread, so that cores shared with other processes do
-    # not leave OpenMP threads waiting on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny_classifier():

@@ -45,8 +45,9 @@ def test_progress_by_epoch_is_fractional_and_by_iter_is_iter():
 
 @pytest.mark.parametrize('kwargs,match', [
     (dict(start=5, end=2, gamma=0.1), 'end=2 must not be before start=5'),
-    (dict(start=-1, end=2, gamma=0.1), 'start must be a number >= 0'),
-    (dict(start=0, end=2, gamma='0.1'), 'gamma must be a number'),
+    (dict(start=-1, end=2, gamma=0.1), r'start=-1 is invalid; allowed: a '
+     'finite number >= 0'),
+    (dict(start=0, end=2, gamma='0.1'), "gamma='0.1' is invalid"),
 ])
 def test_l0_hook_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -56,7 +57,7 @@ def test_l0_hook_bad_arguments(kwargs, match):
 def test_batch_shaping_hook_bad_arguments():
     with pytest.raises(ValueError, match='end must be > 0'):
         BatchShapingWeightHook(end=0)
-    with pytest.raises(ValueError, match='start_weight must be a number'):
+    with pytest.raises(ValueError, match='start_weight=-0.5 is invalid'):
         BatchShapingWeightHook(start_weight=-0.5)
 
 

@@ -65,15 +65,7 @@ def build_in(registry, cfg):
     return registry.get(cfg.pop('type'))(**cfg)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    # The models are tiny: one thread is as fast, and far faster when other
-    # processes share the cores (no OpenMP barriers waiting on a preempted
-    # thread).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _randomize(model, seed=0):

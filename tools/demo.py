@@ -7,6 +7,9 @@ path as tools/train.py), then reports the accuracy, the conditional MAC
 ratio and the gate categories, and draws the gate plots::
 
     python tools/demo.py                 # under a minute on 2 CPU cores
+
+The demo owns its work dir: a rerun trains again and overwrites the
+checkpoint, metrics and plots of the earlier run there.
 """
 import argparse
 import json
@@ -25,7 +28,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument(
         '--work-dir', default=osp.join('work_dirs', 'demo'),
-        help='where the data, logs, checkpoint and plots go')
+        help='where the data, logs, checkpoint and plots go; the demo owns '
+        'this dir: a rerun overwrites its checkpoint, metrics and plots')
     parser.add_argument(
         '--epochs', type=int, help='train for this many epochs instead of '
         "the config's 12 (the schedules keep their epochs)")
@@ -123,7 +127,9 @@ def main(argv=None):
     plots_dir = osp.join(runner.work_dir, 'gate_stats')
     gate_stats = _load_tool('analysis_tools/gate_stats.py')
     gate_stats.main([
-        CONFIG, checkpoint, '--out-dir', plots_dir, '--cfg-options',
+        # --force: the plots of an earlier demo run are the demo's own.
+        CONFIG, checkpoint, '--out-dir', plots_dir, '--force',
+        '--cfg-options',
         f'val_dataloader.dataset.data_root={data_root}',
         f'work_dir={work_dir}'
     ])

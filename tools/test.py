@@ -4,6 +4,11 @@ The interface of mmseg's tools/test.py; works for the mmseg and the
 mmpretrain configs of this repo::
 
     python tools/test.py configs/pspnet_gated_r50_cityscapes.py CKPT
+
+The checkpoint is verified before the test (readable, its checksum if it
+has one, and its keys and shapes against the model's). An existing
+``--out`` is refused unless ``--force``. ``--check-data`` reads every image
+of the test data once first.
 """
 import argparse
 import os
@@ -16,11 +21,14 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 import mmgated  # noqa: F401  shims and registration
-from mmgated.utils.run_config import (
-    check_config_data, close_distributed, load_run_config)
+from mmgated.utils.checkpoint_io import (check_state_dict_matches,
+                                         read_checkpoint)
+from mmgated.utils.outputs import check_output_free
+from mmgated.utils.run_config import (check_config_data, check_config_images,
+                                      close_distributed, load_run_config)
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Test (and eval) a model')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
@@ -29,6 +37,15 @@ def parse_args():
     parser.add_argument(
         '--out', help='the dir (mmseg) or pickle file (mmpretrain) to save '
         'the predictions to')
+    parser.add_argument(
+        '--force',
+        action='store_true',
+        help='overwrite an existing --out file or non-empty --out dir')
+    parser.add_argument(
+        '--check-data',
+        action='store_true',
+        help='before testing, read every image (and segmentation map) of '
+        'the test data once; stop, listing them, if any cannot be read')
     parser.add_argument(
         '--show', action='store_true', help='show prediction results')
     parser.add_argument(
@@ -54,7 +71,7 @@ def parse_args():
         "closed ones zeroed) or 'skip' execution (open channels only) and "
         'log the speed of the test loop')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
@@ -124,11 +141,17 @@ def _log_test_speed(hook, mode, wall):
         logger='current')
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
+    check_output_free(args.out, args.force, '--out')
     cfg = load_run_config(args.config, args.cfg_options, args.work_dir,
                           args.launcher)
     check_config_data(cfg, splits=('test', ))
+    if args.check_data:
+        check_config_images(cfg, ('test', ))
+    # Fails on an unreadable or damaged file, naming it; the runner loads
+    # it again (from the page cache) once its keys are checked below.
+    checkpoint = read_checkpoint(args.checkpoint)
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         trigger_visualization_hook(cfg, args)
@@ -142,6 +165,8 @@ def main():
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
     runner = Runner.from_cfg(cfg)
+    check_state_dict_matches(runner.model, checkpoint, args.checkpoint)
+    del checkpoint
     if dump_predictions:
         from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(

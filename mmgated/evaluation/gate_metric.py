@@ -1,5 +1,6 @@
 """Validation metric of conditional compute: MAC ratio and gate categories.
 """
+import logging
 import re
 from collections import OrderedDict
 from numbers import Real
@@ -8,6 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from mmengine.evaluator import BaseMetric
+from mmengine.logging import print_log
 
 from ..registry import register_metric
 
@@ -237,7 +239,8 @@ class GateMetric(BaseMetric):
                         for k, v in sample['gate_open'].items()
                     },
                     gate_input_sizes=sample['gate_input_sizes'],
-                    model_input_shape=sample['model_input_shape']))
+                    model_input_shape=sample['model_input_shape'],
+                    img_shape=sample.get('img_shape')))
 
     def compute_metrics(self, results: List[dict]) -> dict:
         """See :func:`summarize_gate_records`; each record's MACs are
@@ -247,5 +250,25 @@ class GateMetric(BaseMetric):
                 'GateMetric counts MACs with the model, which '
                 "GateMetricHook gives it: add dict(type='GateMetricHook') "
                 'to custom_hooks')
+        _warn_padded(results)
         records = [dict(r, **self.mac_counter(r)) for r in results]
         return dict(summarize_gate_records(records, self.threshold))
+
+
+def _warn_padded(results: List[dict]) -> None:
+    """Say when samples ran zero-padded to their batch's size: their MACs,
+    conditional and dense, are those of the padded input, which is what the
+    network computed, but more than the image alone would need."""
+    padded = [r for r in results if r.get('img_shape') is not None and tuple(
+        r['img_shape'][:2]) != tuple(r['model_input_shape'][1:])]
+    if padded:
+        example = padded[0]
+        print_log(
+            f'GateMetric: {len(padded)} of {len(results)} samples ran '
+            'zero-padded to their batch\'s size (e.g. an image of '
+            f'{tuple(example["img_shape"][:2])} in a batch of '
+            f'{tuple(example["model_input_shape"][1:])}); their conditional '
+            'and dense MACs are counted at the padded size. Use batch size '
+            '1 for validation, or images of one size, to count each image '
+            'at its own size.',
+            logger='current', level=logging.WARNING)

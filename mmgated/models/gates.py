@@ -12,7 +12,6 @@ Every forward pass stores the batch's :class:`GateOutput` on the gate module
 returns them for a whole model, keyed by module name. Losses, metrics and
 analysis read gates only through it.
 """
-import math
 from collections import OrderedDict
 from numbers import Real
 from typing import Dict, Iterable, NamedTuple, Optional, Tuple, Union
@@ -23,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, is_model_wrapper
+
+from ..utils.checks import check_number
 
 GATE_CFG_DEFAULTS = dict(
     hidden_channels=16,
@@ -59,11 +60,6 @@ class GateOutput(NamedTuple):
     input_size: Tuple[int, int]
 
 
-def _is_number(value) -> bool:
-    return (isinstance(value, Real) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
 def parse_gate_cfg(gate_cfg: Optional[dict]) -> dict:
     """Complete a ``gate_cfg`` with defaults and validate it.
 
@@ -93,12 +89,9 @@ def parse_gate_cfg(gate_cfg: Optional[dict]) -> dict:
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError('gate_cfg hidden_channels must be an integer >= 1, '
                          f'got {hidden!r}')
-    if not _is_number(cfg['tau']) or not cfg['tau'] > 0:
-        raise ValueError('gate_cfg tau must be a finite number > 0, got '
-                         f'{cfg["tau"]!r}')
-    if not _is_number(cfg['init_bias']):
-        raise ValueError('gate_cfg init_bias must be a finite number, got '
-                         f'{cfg["init_bias"]!r}')
+    check_number('gate_cfg tau', cfg['tau'], 'a finite number > 0',
+                 lambda v: v > 0)
+    check_number('gate_cfg init_bias', cfg['init_bias'])
     if cfg['position'] not in GATE_POSITIONS:
         raise ValueError(f'gate_cfg position {cfg["position"]!r} does not '
                          f'exist; allowed positions are {GATE_POSITIONS}')

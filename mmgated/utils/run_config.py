@@ -1,15 +1,25 @@
 """What tools/train.py and tools/test.py do to a config before running it."""
+import logging
 import os.path as osp
+from typing import Sequence
 
 import torch
 from mmengine.config import Config
+from mmengine.logging import print_log
 
-from .data_check import check_datasets
+from .data_check import (UnreadableDataError, build_dataset, check_datasets,
+                         dataset_files, find_unreadable_images)
+
+INTEGRITY_HOOK = 'CheckpointIntegrityHook'
 
 
 def load_run_config(config_path, cfg_options=None, work_dir=None,
                     launcher='none') -> Config:
-    """Load a config as mmseg's/mmpretrain's tools do, and check its data.
+    """Load a config as mmseg's/mmpretrain's tools do.
+
+    Also adds :class:`~mmgated.engine.hooks.CheckpointIntegrityHook`
+    (atomic checkpoints with a checksum) to the default hooks, unless the
+    config has it.
 
     Args:
         config_path (str): The config file.
@@ -42,7 +52,22 @@ def load_run_config(config_path, cfg_options=None, work_dir=None,
                 'MMDistributedDataParallel':
             wrapper.setdefault('device_ids', None)
         cfg.model_wrapper_cfg = wrapper
+    _add_integrity_hook(cfg)
     return cfg
+
+
+def _add_integrity_hook(cfg: Config) -> None:
+    # Registers the hook type the config will name.
+    from mmgated.engine.hooks import checkpoint_integrity_hook  # noqa: F401
+    default_hooks = dict(cfg.get('default_hooks') or {})
+    hooks = list(default_hooks.values()) + list(cfg.get('custom_hooks') or [])
+    if any(
+            isinstance(hook, dict)
+            and str(hook.get('type', '')).endswith(INTEGRITY_HOOK)
+            for hook in hooks):
+        return
+    default_hooks['checkpoint_integrity'] = dict(type=INTEGRITY_HOOK)
+    cfg.default_hooks = default_hooks
 
 
 def _allow_cpu_distributed_launch() -> None:
@@ -90,6 +115,52 @@ def check_config_data(cfg: Config, splits=('train', 'val', 'test')) -> None:
     :func:`mmgated.utils.data_check.check_datasets`)."""
     loaders = [cfg.get(f'{split}_dataloader') for split in splits]
     check_datasets([l['dataset'] for l in loaders if l])
+
+
+def check_config_images(cfg: Config, splits: Sequence[str]) -> None:
+    """``--check-data``: read every image (and segmentation map) of the
+    datasets of ``splits`` once, and fail listing the unreadable ones.
+
+    The datasets are built from the config in its scope and their
+    annotations are read (``get_data_info``); the pipelines do not run.
+
+    Args:
+        cfg (Config): A config from :func:`load_run_config`.
+        splits (Sequence[str]): ``'train'``, ``'val'``, ``'test'``; splits
+            without a dataloader are skipped.
+
+    Raises:
+        UnreadableDataError: Naming the unreadable files (all of them are
+            logged, one a line).
+    """
+    files = []
+    for split in splits:
+        loader = cfg.get(f'{split}_dataloader')
+        if loader:
+            files += dataset_files(
+                build_dataset(loader['dataset'], cfg.get('default_scope')))
+    files = list(dict.fromkeys(files))  # val and test often share files
+    names = '/'.join(splits)
+    if not files:
+        print_log(f'--check-data: the {names} datasets list no image files '
+                  "(CIFAR's batches, for one, were read when the dataset "
+                  'was built)', logger='current')
+        return
+    print_log(f'--check-data: reading the {len(files)} image files of the '
+              f'{names} data', logger='current')
+    problems = find_unreadable_images(files)
+    if not problems:
+        print_log('--check-data: every file is readable', logger='current')
+        return
+    for path, reason in problems:
+        print_log(f'unreadable: {path} ({reason})', logger='current',
+                  level=logging.WARNING)
+    shown = ', '.join(repr(path) for path, _ in problems[:5])
+    more = f' and {len(problems) - 5} more' if len(problems) > 5 else ''
+    raise UnreadableDataError(
+        f'{len(problems)} of the {len(files)} image files of the {names} '
+        f'data cannot be read: {shown}{more} (all listed above). Replace '
+        'or re-extract them, or remove them from the dataset.')
 
 
 def close_distributed() -> None:

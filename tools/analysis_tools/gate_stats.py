@@ -17,6 +17,8 @@ Example::
     python tools/analysis_tools/gate_stats.py \
         configs/resnet20_bas_cifar10.py work_dirs/r20/epoch_500.pth \
         --out-dir work_dirs/r20/gate_stats --max-samples 2000
+
+An ``--out-dir`` that exists and is not empty is refused unless ``--force``.
 """
 import argparse
 import csv
@@ -35,6 +37,7 @@ from mmgated.analysis.inference import (build_eval_dataloader, build_model,
                                         iterate_predictions, task_of)
 from mmgated.analysis.macs import MacCounter, dense_macs
 from mmgated.models import gate_modules
+from mmgated.utils.outputs import check_output_free
 from mmgated.utils.run_config import check_config_data, load_run_config
 
 
@@ -46,6 +49,11 @@ def parse_args(argv=None):
     parser.add_argument(
         '--out-dir',
         help='output directory (default: <work_dir>/gate_stats)')
+    parser.add_argument(
+        '--force',
+        action='store_true',
+        help='write into an --out-dir that is not empty, overwriting the '
+        'files of an earlier run')
     parser.add_argument(
         '--split', default='val', choices=['val', 'test'],
         help='which dataloader of the config to run')
@@ -157,6 +165,7 @@ def main(argv=None):
     cfg = load_run_config(args.config, args.cfg_options)
     check_config_data(cfg, splits=(args.split, ))
     out_dir = args.out_dir or osp.join(cfg.work_dir, 'gate_stats')
+    check_output_free(out_dir, args.force, '--out-dir')
     os.makedirs(out_dir, exist_ok=True)
     device = args.device or default_device()
 

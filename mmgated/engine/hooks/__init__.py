@@ -1,3 +1,5 @@
+from .checkpoint_integrity_hook import CheckpointIntegrityHook
+from .finite_inputs_hook import FiniteInputsHook
 from .gate_histogram_hook import GateHistogramHook
 from .gate_metric_hook import GateMetricHook
 from .loss_weight_schedule_hooks import (BatchShapingWeightHook, L0WeightHook,
@@ -5,6 +7,7 @@ from .loss_weight_schedule_hooks import (BatchShapingWeightHook, L0WeightHook,
 from .progress_bar_hook import TrainProgressBarHook
 
 __all__ = [
-    'BatchShapingWeightHook', 'GateHistogramHook', 'GateMetricHook', 'L0WeightHook',
+    'BatchShapingWeightHook', 'CheckpointIntegrityHook', 'FiniteInputsHook',
+    'GateHistogramHook', 'GateMetricHook', 'L0WeightHook',
     'LossWeightScheduleHook', 'TrainProgressBarHook'
 ]

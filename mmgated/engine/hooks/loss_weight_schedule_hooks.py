@@ -1,16 +1,11 @@
 """Schedules of the gate-loss weights (paper sections 4.2, 4.3, 5)."""
-from numbers import Real
 from typing import Optional
 
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-
-def _check_point(name, value):
-    if isinstance(value, bool) or not isinstance(value, Real) or value < 0:
-        raise ValueError(f'{name} must be a number >= 0, got {value!r}')
-    return float(value)
+from ...utils.checks import check_weight
 
 
 class LossWeightScheduleHook(Hook):
@@ -93,10 +88,10 @@ class BatchShapingWeightHook(LossWeightScheduleHook):
                  end: Optional[float] = None,
                  by_epoch: bool = True):
         super().__init__(by_epoch)
-        self.start_weight = None if start_weight is None else _check_point(
+        self.start_weight = None if start_weight is None else check_weight(
             'start_weight', start_weight)
         if end is not None:
-            end = _check_point('end', end)
+            end = check_weight('end', end)
             if end == 0:
                 raise ValueError('end must be > 0 (or None for a constant '
                                  'weight)')
@@ -105,7 +100,7 @@ class BatchShapingWeightHook(LossWeightScheduleHook):
     def before_train(self, runner) -> None:
         loss = self._loss(runner)
         if self.start_weight is None:
-            self.start_weight = _check_point('batch_shaping_loss.loss_weight',
+            self.start_weight = check_weight('batch_shaping_loss.loss_weight',
                                              loss.loss_weight)
 
     def weight_at(self, t: float) -> float:
@@ -143,11 +138,11 @@ class L0WeightHook(LossWeightScheduleHook):
                  gamma: Optional[float] = None,
                  by_epoch: bool = True):
         super().__init__(by_epoch)
-        self.start = _check_point('start', start)
-        self.end = _check_point('end', end)
+        self.start = check_weight('start', start)
+        self.end = check_weight('end', end)
         if self.end < self.start:
             raise ValueError(f'end={end} must not be before start={start}')
-        self.gamma = None if gamma is None else _check_point('gamma', gamma)
+        self.gamma = None if gamma is None else check_weight('gamma', gamma)
 
     def before_train(self, runner) -> None:
         super().before_train(runner)
@@ -156,7 +151,7 @@ class L0WeightHook(LossWeightScheduleHook):
             if gamma is None:
                 raise KeyError('L0WeightHook has no gamma: pass gamma= or '
                                'set a top-level l0_gamma in the config')
-            self.gamma = _check_point('l0_gamma', gamma)
+            self.gamma = check_weight('l0_gamma', gamma)
 
     def weight_at(self, t: float) -> float:
         if self.gamma is None:

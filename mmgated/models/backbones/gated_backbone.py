@@ -1,4 +1,6 @@
 """What every gated ResNet backbone adds to its upstream dense class."""
+import torch
+
 from ..gates import check_gated_stages, gate_modules, parse_gate_cfg
 from ..skip_execution import set_gate_execution
 
@@ -31,6 +33,25 @@ class GatedBackboneMixin:
         del self._next_stage
         if self.gate_cfg['execution'] == 'skip':
             set_gate_execution(self, 'skip')
+
+    def forward(self, x):
+        """Upstream ``forward``, after checking the input's dtype.
+
+        Raises:
+            TypeError: A floating input whose dtype differs from the weights'
+                outside autocast, e.g. float64 images into a float32 model,
+                which PyTorch would report deep inside a convolution.
+        """
+        weight = next(self.parameters())
+        if (x.is_floating_point() and x.dtype != weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(
+                f'{type(self).__name__} got a {x.dtype} input but its '
+                f'weights are {weight.dtype}: cast the input '
+                f'(x.to({weight.dtype})) or the model (model.to({x.dtype})),'
+                " or feed images through the model's data_preprocessor, "
+                'which casts them to float32')
+        return super().forward(x)
 
     def train(self, mode: bool = True):
         """Upstream ``train``; ``norm_eval`` leaves the gates' norms training.

@@ -1,11 +1,15 @@
 """The batch-shaping loss (paper section 3, Eq. 2)."""
 from typing import Optional, Sequence
 
+import logging
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from mmengine.logging import print_log
 
 from ...registry import register_model
+from ...utils.checks import check_weight
 from .priors import build_prior
 
 
@@ -80,12 +84,16 @@ class BatchShapingLoss(nn.Module):
     multiplied by the world size (the loss value is not), so that the
     averaged gradient is that of the global-batch loss.
 
+    A batch needs at least 2 samples to have a distribution: one of 1 sample
+    gives a loss of 0 (with a warning, logged once), an empty one an error.
+
     Args:
         prior (dict | Prior): The prior: ``dict(type='beta', a, b)``,
             ``dict(type='gaussian', mean, std)``, ``dict(type='uniform', low,
             high)`` or a type registered in
             :data:`mmgated.models.losses.PRIORS`. Default: Beta(0.6, 0.4).
-        loss_weight (float): lambda of Eq. (2). Default: 1.0.
+        loss_weight (float): lambda of Eq. (2), finite and >= 0. Default:
+            1.0.
         reduction (str): 'mean' (default) or 'sum' over the features.
         gather (bool): Gather the batch over ranks under DDP. Default: True.
         check_finite (bool): Raise on non-finite inputs, naming the feature.
@@ -106,10 +114,12 @@ class BatchShapingLoss(nn.Module):
                              "('mean', 'sum')")
         self.prior = build_prior(prior)
         self.reduction = reduction
-        self.loss_weight = float(loss_weight)
+        self.loss_weight = check_weight('BatchShapingLoss loss_weight',
+                                        loss_weight)
         self.gather = gather
         self.check_finite = check_finite
         self._loss_name = loss_name
+        self._warned_single_sample = False
 
     @property
     def loss_name(self) -> str:
@@ -129,9 +139,9 @@ class BatchShapingLoss(nn.Module):
         Returns:
             Tensor: The scalar loss (float32, or float64 for float64 input).
         """
-        if x.dim() != 2:
-            raise ValueError('BatchShapingLoss expects a (N, C) tensor, got '
-                             f'shape {tuple(x.shape)}')
+        if x.dim() != 2 or x.shape[1] == 0:
+            raise ValueError('BatchShapingLoss expects a (N, C) tensor with '
+                             f'C >= 1 features, got shape {tuple(x.shape)}')
         if self.check_finite:
             finite = torch.isfinite(x).all(dim=0)
             if not bool(finite.all()):
@@ -149,9 +159,27 @@ class BatchShapingLoss(nn.Module):
                 if gathered is not x:
                     world = dist.get_world_size()
                 x = gathered
+            if x.shape[0] < 2:
+                return self._too_few_samples(x)
             per_feature = cramer_von_mises(x, self.prior)
             loss = per_feature.sum() if self.reduction == 'sum' \
                 else per_feature.mean()
             if world > 1:
                 loss = loss + (world - 1) * (loss - loss.detach())
         return self.loss_weight * loss
+
+    def _too_few_samples(self, x: torch.Tensor) -> torch.Tensor:
+        """N = 0 is an error; N = 1 has no distribution to shape: warn once
+        and return 0, still connected to ``x`` so that every parameter
+        takes part in the backward pass (as DDP requires)."""
+        if x.shape[0] == 0:
+            raise ValueError('BatchShapingLoss got an empty batch (0 samples '
+                             f'of {x.shape[1]} features); it needs N >= 2')
+        if not self._warned_single_sample:
+            self._warned_single_sample = True
+            print_log(
+                'BatchShapingLoss got a batch of 1 sample, which has no '
+                'distribution to match to the prior: the loss is 0 for such '
+                'batches (this is logged once)',
+                logger='current', level=logging.WARNING)
+        return x.sum() * 0.0

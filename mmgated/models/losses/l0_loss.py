@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from ...registry import register_model
+from ...utils.checks import check_weight
 
 
 @register_model
@@ -27,7 +28,7 @@ class GateL0Loss(nn.Module):
     ``k`` times that).
 
     Args:
-        loss_weight (float): gamma. Default: 1.0.
+        loss_weight (float): gamma, finite and >= 0. Default: 1.0.
         reduction (str): 'sum' or 'mean' over the gates. Default: 'sum'.
         weighting (str): 'uniform' or 'macs'. Default: 'uniform'.
         loss_name (str): Key of the loss in a loss dict. Default: 'loss_l0'.
@@ -45,7 +46,7 @@ class GateL0Loss(nn.Module):
         if weighting not in ('uniform', 'macs'):
             raise ValueError(f'weighting {weighting!r} is not one of '
                              "('uniform', 'macs')")
-        self.loss_weight = float(loss_weight)
+        self.loss_weight = check_weight('GateL0Loss loss_weight', loss_weight)
         self.reduction = reduction
         self.weighting = weighting
         self._loss_name = loss_name

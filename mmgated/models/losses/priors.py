@@ -6,20 +6,17 @@ through the ``PRIORS`` registry. Register your own with
 ``support`` (low, high) and a ``cdf(x)`` that is differentiable in ``x``.
 """
 import math
-from numbers import Real
 
 import torch
 from mmengine.registry import Registry
+
+from ...utils.checks import check_number
 
 PRIORS = Registry('batch-shaping prior')
 
 
 def _check(name, value, condition, allowed):
-    if not isinstance(value, Real) or isinstance(value, bool) \
-            or not math.isfinite(value) or not condition(value):
-        raise ValueError(f'prior parameter {name}={value!r} is invalid; '
-                         f'allowed: {allowed}')
-    return float(value)
+    return check_number(f'prior parameter {name}', value, allowed, condition)
 
 
 class Prior:
