@@ -39,7 +39,8 @@ setup(
         'regex',
     ],
     extras_require={
-        'tests': ['pytest', 'pytest-timeout', 'scikit-learn'],
+        'tests':
+        ['pytest', 'pytest-timeout', 'pytest-xdist', 'scikit-learn'],
         'data': ['cityscapesscripts'],
     },
     zip_safe=False,
