@@ -22,9 +22,11 @@ train_pipeline = [
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackSegInputs')
 ]
-# Paper: mini-batch 6. Here 2 GPUs x 3 images (tools/dist_train.sh CFG 2);
-# on 1 GPU set train_dataloader.batch_size=6, on 3 GPUs 2.
+# Paper: mini-batch 6, here 2 GPUs x 3 images (tools/dist_train.sh CFG 2).
+# On another number of GPUs the learning rate scales with the total batch
+# (auto_scale_lr); or set train_dataloader.batch_size=6 on 1 GPU, 2 on 3.
 train_dataloader = dict(batch_size=3, dataset=dict(pipeline=train_pipeline))
+auto_scale_lr = dict(enable=True, base_batch_size=6)
 
 # Paper: SGD, momentum 0.9, weight decay 1e-4, lr 2e-2 with poly(0.9) over
 # 150k iterations.

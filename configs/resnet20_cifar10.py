@@ -6,7 +6,9 @@ custom_imports = dict(imports=['mmgated'], allow_failed_imports=False)
 model = dict(
     backbone=dict(_delete_=True, type='ResNetCifar', depth=20),
     head=dict(in_channels=64))
-# Paper: mini-batch 256; random crop and horizontal flip (the base's).
+# Paper: mini-batch 256 (here on 1 GPU); random crop and horizontal flip
+# (the base's). On N GPUs the learning rate scales with the total batch
+# 256 * N (auto_scale_lr), or set batch_size=256 // N.
 train_dataloader = dict(batch_size=256)
 val_dataloader = dict(batch_size=256)
 test_dataloader = dict(batch_size=256)
@@ -18,4 +20,4 @@ optim_wrapper = dict(
 param_scheduler = dict(
     type='MultiStepLR', by_epoch=True, milestones=[300, 375, 450], gamma=0.1)
 train_cfg = dict(max_epochs=500)
-auto_scale_lr = dict(base_batch_size=256)
+auto_scale_lr = dict(enable=True, base_batch_size=256)

@@ -2,8 +2,10 @@
 # baseline of ResNet34-BAS.
 _base_ = ['mmpretrain::resnet/resnet34_8xb32_in1k.py']
 
-# Paper: mini-batch 256 on a single GPU. On N GPUs set 256 // N.
+# Paper: mini-batch 256 on a single GPU. On N GPUs the learning rate scales
+# with the total batch 256 * N (auto_scale_lr), or set batch_size=256 // N.
 train_dataloader = dict(batch_size=256)
+auto_scale_lr = dict(enable=True, base_batch_size=256)
 # Paper: Nesterov momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at
 # epochs 60, 90 and 120, 150 epochs.
 optim_wrapper = dict(

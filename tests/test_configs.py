@@ -208,7 +208,8 @@ def test_pspnet_cityscapes_recipe(name):
     assert cfg.model.backbone.depth == 50
     assert cfg.train_dataloader.dataset.type == 'CityscapesDataset'
 
-    if name.endswith('in1k-pre.py'):
+    # The 0.05 point (IoU 0.747 at 95 % MACs) is an ImageNet-pretrained one.
+    if name.endswith(('in1k-pre.py', 'bs0.05.py')):
         assert cfg.model.pretrained == 'open-mmlab://resnet50_v1c'
     else:
         assert cfg.model.pretrained is None  # "trained from scratch"
@@ -278,6 +279,17 @@ def check_sgd_multistep(cfg, max_epochs, milestones, weight_decay):
     assert cfg.train_cfg.by_epoch is True
     assert cfg.train_cfg.max_epochs == max_epochs
     assert cfg.train_dataloader.batch_size == 256
+
+
+@pytest.mark.parametrize('name', PSPNET + IN1K + CIFAR)
+def test_paper_batch_scales_the_learning_rate(name):
+    """The paper's total batch (Cityscapes 6, ImageNet and CIFAR 256) on the
+    GPU count each config assumes (2, 1, 1) is auto_scale_lr's base, so on
+    another count mmengine scales the learning rate."""
+    cfg = load(name)
+    paper_batch, gpus = (6, 2) if 'cityscapes' in name else (256, 1)
+    assert cfg.train_dataloader.batch_size * gpus == paper_batch
+    assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=paper_batch)
 
 
 @pytest.mark.parametrize('name', IN1K)

@@ -11,11 +11,11 @@ from mmgated.models.losses import PRIORS, Prior, build_prior
 
 
 def reference_batch_shaping(x, cdf):
-    """Eq. (2) with lambda = 1, averaged over the features (columns)."""
+    """Eq. (2) with lambda = 1, summed over the features (columns)."""
     x = np.sort(np.asarray(x, dtype=np.float64), axis=0)
     n = x.shape[0]
     target = np.arange(1, n + 1)[:, None] / (n + 1)
-    return float(np.mean(np.mean((target - cdf(x))**2, axis=0)))
+    return float(np.sum(np.mean((target - cdf(x))**2, axis=0)))
 
 
 PRIOR_CASES = [
@@ -48,10 +48,10 @@ def test_gradient_is_routed_back_through_the_sort():
     x = torch.rand(n, c, dtype=torch.float64, requires_grad=True)
     BatchShapingLoss(loss_weight=1.0)(x).backward()
     # Analytic gradient: the sample of rank i gets
-    # -2 / (N C) * (i / (N + 1) - F(x)) * f(x) at its original position.
+    # -2 / N * (i / (N + 1) - F(x)) * f(x) at its original position.
     xs = x.detach().numpy()
     ranks = xs.argsort(0).argsort(0) + 1
-    expected = -2 / (n * c) * (ranks / (n + 1) - stats.beta.cdf(
+    expected = -2 / n * (ranks / (n + 1) - stats.beta.cdf(
         xs, 0.6, 0.4)) * stats.beta.pdf(xs, 0.6, 0.4)
     np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-6)
 
@@ -183,14 +183,19 @@ def test_unknown_prior_type():
         BatchShapingLoss(prior='beta')
 
 
-def test_sum_over_features():
+def test_sum_over_features_by_default_or_mean():
+    """Eq. 2's text sums the loss over the features; 'mean' divides by
+    their number."""
     np.random.seed(0)
     x = np.random.rand(11, 4)
-    per_feature_mean = reference_batch_shaping(
+    per_feature_sum = reference_batch_shaping(
         x, lambda v: stats.beta.cdf(v, 0.6, 0.4))
-    loss = BatchShapingLoss(reduction='sum', loss_weight=0.5)
+    loss = BatchShapingLoss(loss_weight=0.5)
     assert loss(torch.tensor(x)).item() == pytest.approx(
-        0.5 * 4 * per_feature_mean, rel=1e-6)
+        0.5 * per_feature_sum, rel=1e-6)
+    loss = BatchShapingLoss(reduction='mean', loss_weight=0.5)
+    assert loss(torch.tensor(x)).item() == pytest.approx(
+        0.5 * per_feature_sum / 4, rel=1e-6)
     with pytest.raises(ValueError, match="reduction 'max'"):
         BatchShapingLoss(reduction='max')
 

@@ -60,19 +60,19 @@ class BatchShapingLoss(nn.Module):
     """Match the batch distribution of each feature to a prior CDF.
 
     For an input of shape ``(N, C)`` (``N`` samples of ``C`` features) the
-    loss is ``loss_weight`` times the mean over the ``C`` features of Eq. (2)
+    loss is ``loss_weight`` times the sum over the ``C`` features of Eq. (2)
     of the paper with lambda = 1::
 
         (1 / N) * sum_i (i / (N + 1) - F(x*_i)) ** 2
 
     where ``x*`` are the feature's values sorted over the batch and ``F`` is
-    the prior's CDF. ``reduction='sum'`` sums over the features instead, as
-    the paper does for a whole network ("We can sum this loss for each
-    considered feature"): each gate is then shaped with the full weight
-    lambda, whatever the number of gates, which is what the paper's recipes
-    (lambda = 0.75, 0.2) are tuned for. Gradients flow back through the sort to the positions
-    the values came from. Values outside the prior's support are clamped to
-    it (and then get no gradient from the loss).
+    the prior's CDF. Summing is what the paper does ("We can sum this loss
+    for each considered feature"): each gate is shaped with the full weight
+    lambda, whatever the number of gates, the scale the paper's lambda
+    values (0.75, 0.2, 0.05) are meant for. ``reduction='mean'`` averages
+    over the features instead. Gradients flow back through the sort to the
+    positions the values came from. Values outside the prior's support are
+    clamped to it (and then get no gradient from the loss).
 
     Batch-shaping applies to any feature: flatten it to ``(N, C)``, e.g.
     ``loss(features.mean(dim=(2, 3)))`` for channel activations with a
@@ -94,7 +94,8 @@ class BatchShapingLoss(nn.Module):
             :data:`mmgated.models.losses.PRIORS`. Default: Beta(0.6, 0.4).
         loss_weight (float): lambda of Eq. (2), finite and >= 0. Default:
             1.0.
-        reduction (str): 'mean' (default) or 'sum' over the features.
+        reduction (str): 'sum' (default, as Eq. 2's text) or 'mean' over
+            the features.
         gather (bool): Gather the batch over ranks under DDP. Default: True.
         check_finite (bool): Raise on non-finite inputs, naming the feature.
             Off by default because the check synchronises with the host.
@@ -104,7 +105,7 @@ class BatchShapingLoss(nn.Module):
     def __init__(self,
                  prior=dict(type='beta', a=0.6, b=0.4),
                  loss_weight: float = 1.0,
-                 reduction: str = 'mean',
+                 reduction: str = 'sum',
                  gather: bool = True,
                  check_finite: bool = False,
                  loss_name: str = 'loss_bs'):
