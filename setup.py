@@ -39,8 +39,12 @@ setup(
         'regex',
     ],
     extras_require={
-        'tests':
-        ['pytest', 'pytest-timeout', 'pytest-xdist', 'scikit-learn'],
+        'tests': [
+            'pytest', 'pytest-timeout', 'pytest-xdist', 'scikit-learn',
+            'onnx', 'onnxruntime', 'onnxscript'
+        ],
+        # tools/deploy/export_onnx.py: torch.onnx's exporter and the check.
+        'deploy': ['onnx', 'onnxruntime', 'onnxscript'],
         'data': ['cityscapesscripts'],
     },
     zip_safe=False,
