@@ -171,4 +171,8 @@ def close_distributed() -> None:
     even though the run succeeded."""
     if torch.distributed.is_available() \
             and torch.distributed.is_initialized():
+        # Every rank first waits for the others to finish their last
+        # collective (rank 0 saves and logs longest): a rank that tears its
+        # group down while a peer still talks to it aborted that peer.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
