@@ -412,3 +412,37 @@ def test_train_overhead_markdown():
     assert lines[-1] == ('| gate losses / gated step, % | '
                          '106.20 [105.10, 107.00] | '
                          '106.20 [105.10, 107.00] |')
+
+
+compact_inference = load_script('benchmarks/compact_inference.py')
+
+
+def test_compact_inference_rows(tmp_path):
+    out = tmp_path / 'compact.json'
+    common = ['--model', 'resnet34', '--size', '32', '--batch-sizes', '1',
+              '2', '--repeats', '1', '--warmup', '0', '--threads', '1',
+              '--backends', 'torch']
+    rows = compact_inference.main(common + ['--out', str(out)])
+    assert out.exists()
+    assert [(r['backend'], r['batch_size']) for r in rows] == [
+        ('torch', 1), ('torch', 2)]
+    for row in rows:
+        # Half of every gated map removed halves its two convolutions;
+        # stem and shortcuts stay.
+        assert 0.4 < row['static_saving'] < 0.95
+        ratio = row['compact_ms'] / row['dense_ms']
+        assert row['realized'] == pytest.approx(
+            (1 - ratio) / row['static_saving'])
+    assert compact_inference.target_verdict(rows) == 'not measured'
+    # Every channel always on: the compact model is the dense network.
+    dense_like = compact_inference.main(common + ['--off', '0', '--on', '1'])
+    assert dense_like[0]['static_saving'] == pytest.approx(0, abs=1e-12)
+    assert dense_like[0]['realized'] is None
+
+
+def test_compact_inference_target_verdict():
+    row = dict(backend='torch', batch_size=8, realized=0.95,
+               realized_low=0.92, realized_high=0.97)
+    assert compact_inference.target_verdict([row]) == 'met'
+    row.update(realized_low=0.85)
+    assert compact_inference.target_verdict([row]) == 'undecided'

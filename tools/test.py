@@ -178,11 +178,12 @@ def main(argv=None):
         speed_hook = _TestSpeedHook()
         runner.register_hook(speed_hook)
     start = time.perf_counter()
-    runner.test()
+    metrics = runner.test()
     if speed_hook is not None:
         _log_test_speed(speed_hook, args.gate_execution,
                         time.perf_counter() - start)
     close_distributed()
+    return metrics
 
 
 if __name__ == '__main__':

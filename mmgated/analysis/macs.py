@@ -168,12 +168,15 @@ def savings_from_counts(model: nn.Module,
         ValueError: The model has no gated block.
         KeyError: A gate of a gated block has no record.
     """
-    savings = None
+    savings, gated_any = None, False
     for block_name, block in _unwrap(model).named_modules():
         if not is_gated_block(block):
             continue
         prefix = f'{block_name}.' if block_name else ''
+        gated_any = True
         names = [n for n in block.gate_names if hasattr(block, n)]
+        if not names:
+            continue  # a compact block whose channels are all static
         missing = [prefix + n for n in names if prefix + n not in open_counts]
         if missing:
             raise KeyError(f'no gate record of {missing}; run a forward pass '
@@ -199,6 +202,10 @@ def savings_from_counts(model: nn.Module,
                 saved = saved + (conv.out_channels - n_out) \
                     * per_element * out_h * out_w
             savings = saved if savings is None else savings + saved
+    if savings is None and gated_any:
+        rows = next(iter(open_counts.values())).shape[0] if open_counts \
+            else 1
+        return torch.zeros(rows, dtype=torch.float64)
     if savings is None:
         raise ValueError(f'{type(_unwrap(model)).__name__} has no gated '
                          'block; its MAC savings need a gated model')

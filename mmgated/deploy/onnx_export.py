@@ -63,7 +63,7 @@ def export_onnx(model: nn.Module,
     batch = torch.export.Dim('batch', min=1, max=4096)
     with torch.no_grad():
         torch.onnx.export(
-            TensorOutput(model), (example, ),
+            TensorOutput(model).eval(), (example, ),
             path,
             input_names=['inputs'],
             output_names=['outputs'],

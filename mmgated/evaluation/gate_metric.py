@@ -163,6 +163,8 @@ def summarize_gate_records(records: Sequence[dict],
         mean_macs=float(macs.mean()),
         dense_macs=float(dense.mean()))
     names = list(counts)
+    if not names:
+        return metrics  # a compact model whose channels are all static
     all_counts = np.concatenate([counts[name] for name in names])
     metrics['gate_open_rate'] = float(all_counts.mean() / n)
     cats = gate_categories(all_counts / n, threshold, (n - all_counts) / n)

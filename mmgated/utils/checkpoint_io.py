@@ -208,6 +208,22 @@ def check_state_dict_matches(model: nn.Module, checkpoint: dict,
             "(its meta['cfg']) or a checkpoint of this config.")
 
 
+def load_checked_state_dict(model: nn.Module, checkpoint: dict,
+                            filename: str) -> None:
+    """Load a checkpoint's weights into ``model`` after
+    :func:`check_state_dict_matches` (mmengine's ``module.`` prefix
+    stripped).
+
+    Raises:
+        CheckpointError: See :func:`check_state_dict_matches`.
+    """
+    check_state_dict_matches(model, checkpoint, filename)
+    model.load_state_dict(
+        {re.sub(r'^module\.', '', name): value
+         for name, value in _state_dict(checkpoint).items()},
+        strict=False)
+
+
 def _is_local(out_dir: str, args: tuple, kwargs: dict) -> bool:
     # Runner.save_checkpoint(out_dir, filename, file_client_args=None, ...,
     # backend_args=None): other storage keeps mmengine's plain write.

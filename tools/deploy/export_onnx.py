@@ -23,7 +23,7 @@ from mmengine.config import DictAction
 import mmgated  # noqa: F401  shims and registration
 from mmgated.analysis.inference import build_eval_dataloader, build_model
 from mmgated.deploy import export_onnx, onnxruntime_difference
-from mmgated.utils.checkpoint_io import (check_state_dict_matches,
+from mmgated.utils.checkpoint_io import (load_checked_state_dict,
                                          read_checkpoint)
 from mmgated.utils.outputs import check_output_free
 from mmgated.utils.run_config import load_run_config
@@ -97,13 +97,8 @@ def main(argv=None):
     check_output_free(args.out, args.force)
     cfg = load_run_config(args.config, args.cfg_options)
     model = build_model(cfg)
-    checkpoint = read_checkpoint(args.checkpoint)
-    check_state_dict_matches(model, checkpoint, args.checkpoint)
-    state = checkpoint.get('state_dict', checkpoint)
-    model.load_state_dict(
-        {k[len('module.'):] if k.startswith('module.') else k: v
-         for k, v in state.items()},
-        strict=False)
+    load_checked_state_dict(model, read_checkpoint(args.checkpoint),
+                            args.checkpoint)
     model.eval()
 
     real = real_batches(cfg, model, args.check_samples, args.shape)

@@ -1,6 +1,7 @@
 """What every gated ResNet backbone adds to its upstream dense class."""
 import torch
 
+from ..compact import apply_channel_layout
 from ..gates import check_gated_stages, gate_modules, parse_gate_cfg
 from ..skip_execution import set_gate_execution
 
@@ -18,9 +19,13 @@ class GatedBackboneMixin:
     Args:
         gate_cfg (dict, optional): See
             :func:`mmgated.models.gates.parse_gate_cfg`.
+        channel_layout (dict, optional): The compact architecture of a
+            model without its static channels, as
+            :func:`mmgated.deploy.compact_model` writes it (see
+            :mod:`mmgated.models.compact`). Default: None (all channels).
     """
 
-    def __init__(self, *args, gate_cfg=None, **kwargs):
+    def __init__(self, *args, gate_cfg=None, channel_layout=None, **kwargs):
         depth = kwargs['depth'] if 'depth' in kwargs else args[0]
         if depth not in self.arch_settings:
             raise KeyError(f'invalid depth {depth!r} for {type(self).__name__}'
@@ -31,6 +36,8 @@ class GatedBackboneMixin:
         super().__init__(*args, **kwargs)
         check_gated_stages(self.gate_cfg['stages'], self.num_stages)
         del self._next_stage
+        self.channel_layout = dict(channel_layout or {})
+        apply_channel_layout(self, self.channel_layout)
         if self.gate_cfg['execution'] == 'skip':
             set_gate_execution(self, 'skip')
 
