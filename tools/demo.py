@@ -6,7 +6,7 @@ Writes scikit-learn's handwritten digits (shipped inside scikit-learn) as a
 path as tools/train.py), then reports the accuracy, the conditional MAC
 ratio and the gate categories, and draws the gate plots::
 
-    python tools/demo.py                 # under a minute on 2 CPU cores
+    python tools/demo.py                 # about a minute on 2 CPU cores
 
 The demo owns its work dir: a rerun trains again and overwrites the
 checkpoint, metrics and plots of the earlier run there.
@@ -32,7 +32,7 @@ def parse_args(argv=None):
         'this dir: a rerun overwrites its checkpoint, metrics and plots')
     parser.add_argument(
         '--epochs', type=int, help='train for this many epochs instead of '
-        "the config's 12 (the schedules keep their epochs)")
+        "the config's 24 (the schedules keep their epochs)")
     parser.add_argument(
         '--max-samples', type=int,
         help='use only this many images per split (a quick check)')
