@@ -44,7 +44,6 @@ class CompactChannelGate(ChannelGate):
     def __init__(self, in_channels: int, num_conditional: int,
                  num_always_on: int, **kwargs):
         super().__init__(in_channels, num_conditional, **kwargs)
-        self.num_conditional = num_conditional
         self.num_always_on = num_always_on
         self.out_channels = num_conditional + num_always_on
 

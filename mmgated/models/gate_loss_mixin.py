@@ -131,9 +131,9 @@ class GateLossMixin:
             gates, a logged scalar that is not summed into the loss).
         """
         gates = collect_gates(self)
-        if not gate_modules(self):
-            return {}  # a compact model whose gates were all static
         if not gates:
+            if not gate_modules(self):
+                return {}  # a compact model whose gates were all static
             raise RuntimeError('no gate ran in the forward pass; is the '
                                'backbone gated in the stages that run?')
         outputs = list(gates.values())

@@ -186,7 +186,8 @@ def train_run(spec, data_root, run_dir, epochs, threads):
     """Train one run and write its ``metrics.json``; returns the metrics."""
     import torch
     torch.set_num_threads(threads)
-    sys.path.insert(0, REPO)
+    if REPO not in sys.path:  # a spawned worker of run_all
+        sys.path.insert(0, REPO)
     import mmgated  # noqa: F401  registration
     from mmengine.runner import Runner
     cfg = study_config(spec, data_root, run_dir, epochs)
@@ -509,7 +510,8 @@ def plot_all(runs, summary, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path[:0] = [REPO, osp.join(REPO, 'tools')]
+    sys.path[:0] = [p for p in (REPO, osp.join(REPO, 'tools'))
+                    if p not in sys.path]
     import mmgated  # noqa: F401  registration
     from demo import write_digits
     args.work_dir = osp.abspath(args.work_dir)
