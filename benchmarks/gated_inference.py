@@ -128,8 +128,8 @@ def parse_args(argv=None):
         '--backend', choices=BACKENDS, default='auto',
         help="skip execution's backend: 'torch' (gathers and PyTorch "
         "convolutions), 'compiled' (mmgated's compiled kernels for single "
-        "CPU samples) or 'auto' (default: compiled on a CPU with their "
-        'AVX-512 tiles, else torch)')
+        "CPU samples) or 'auto' (default: compiled where its tiles are "
+        'vectorised, AVX-512 or AVX2, else torch)')
     parser.add_argument(
         '--other-backends', nargs='+', default=[], choices=BACKENDS[1:],
         help='also time skip execution with these backends, side by side')
@@ -374,7 +374,7 @@ class GateControl:
         """The gates of a forced call, as ``given`` for :meth:`call`."""
         with torch.no_grad():
             self.call(x, value, seed)()
-        return {gate: (lambda _, g=gate.output.gates: g)
+        return {gate: (lambda *_, g=gate.output.gates, **__: g)
                 for gate in self.gates}
 
 

@@ -175,36 +175,43 @@ def test_eval_is_deterministic_and_draws_no_noise():
         assert torch.equal(out.gates, (out.logits > 0).float())
 
 
-@pytest.mark.parametrize('training', [True, False])
-def test_gating_module_is_pool_fc_bn_relu_fc(training):
+@pytest.mark.parametrize('mode', ['train', 'eval', 'inference'])
+def test_gating_module_is_pool_fc_bn_relu_fc(mode):
     """Section 4.1 computed by hand in float64: global average pool, FC to
-    16, BN, ReLU, FC; hard gates logit > 0 in eval mode."""
+    16, BN, ReLU, FC; hard gates logit > 0 in eval mode. With fold_norm at
+    inference (eval without autograd), as skip execution asks, the BN is
+    folded into fc1, and the folded copy follows later changes of the
+    weights and statistics."""
     gate = ChannelGate(8, 32).double()
-    with torch.no_grad():
-        for p in gate.parameters():
-            p.normal_()
-        gate.norm.running_mean.normal_()
-        gate.norm.running_var.uniform_(0.5, 2.0)
+    training = mode == 'train'
     gate.train(training)
     x = torch.randn(6, 8, 5, 3, dtype=torch.float64)
     bn = gate.norm
-    hidden = x.mean((2, 3)) @ gate.fc1.weight.t()
-    if training:
-        mean, var = hidden.mean(0), hidden.var(0, unbiased=False)
-    else:
-        mean, var = bn.running_mean, bn.running_var
-    hidden = (hidden - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
-    logits = hidden.clamp_min(0) @ gate.fc2.weight.t() + gate.fc2.bias
-    gates = gate(x)
-    out = gate.output
-    torch.testing.assert_close(out.logits, logits)
-    torch.testing.assert_close(out.probs, torch.sigmoid(logits))
-    assert out.input_size == (5, 3)
-    if not training:
-        assert torch.equal(gates, (logits > 0).double())
-        torch.testing.assert_close(out.relaxed,
-                                   torch.sigmoid(logits / gate.tau))
-    assert set(gates.unique().tolist()) <= {0.0, 1.0}
+    for _ in range(2 if mode == 'inference' else 1):
+        with torch.no_grad():
+            for p in gate.parameters():
+                p.normal_()
+            gate.norm.running_mean.normal_()
+            gate.norm.running_var.uniform_(0.5, 2.0)
+        hidden = x.mean((2, 3)) @ gate.fc1.weight.t()
+        if training:
+            mean, var = hidden.mean(0), hidden.var(0, unbiased=False)
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        hidden = (hidden - mean) / torch.sqrt(var + bn.eps) * bn.weight \
+            + bn.bias
+        logits = hidden.clamp_min(0) @ gate.fc2.weight.t() + gate.fc2.bias
+        with torch.set_grad_enabled(mode != 'inference'):
+            gates = gate(x, fold_norm=mode == 'inference')
+        out = gate.output
+        torch.testing.assert_close(out.logits, logits)
+        torch.testing.assert_close(out.probs, torch.sigmoid(logits))
+        assert out.input_size == (5, 3)
+        if not training:
+            assert torch.equal(gates, (logits > 0).double())
+            torch.testing.assert_close(out.relaxed,
+                                       torch.sigmoid(logits / gate.tau))
+        assert set(gates.unique().tolist()) <= {0.0, 1.0}
 
 
 def test_training_draws_binary_concrete_samples():

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmgated.ops import (gathered_conv2d, gathered_conv2d_reference,
+from mmgated.ops import (direct_conv_fast, gathered_conv2d,
+                         gathered_conv2d_reference,
                          gathered_gemm, gathered_gemm_reference,
                          native_available)
 
@@ -167,27 +168,50 @@ def test_gathered_conv2d_without_input_channels():
     torch.testing.assert_close(actual, bias[None, :, None, None] + residual)
 
 
-def test_portable_build(monkeypatch, tmp_path):
-    """Built without -march=native (no AVX-512 tiles, the plain C ones),
-    both products still equal their references."""
+def _cpu_flags():
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split() for line in f
+                         if line.startswith('flags')), [])
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize('flags', [('-O2', ), ('-O2', '-mavx2', '-mfma')],
+                         ids=['plain', 'avx2'])
+def test_portable_build(flags, monkeypatch, tmp_path):
+    """Built without -march=native, with the plain C tiles or (where the
+    CPU has them, AVX-512 or not) the AVX2 ones, both products still equal
+    their references."""
+    if '-mavx2' in flags and not {'avx2', 'fma'} <= set(_cpu_flags()):
+        pytest.skip('this CPU has no AVX2 and FMA')
     monkeypatch.setattr(native_module, '_library', None)
     monkeypatch.setenv('MMGATED_CACHE', str(tmp_path))
-    monkeypatch.setattr(native_module, '_FLAG_SETS', (('-O2', ), ))
+    monkeypatch.setattr(native_module, '_FLAG_SETS', (flags, ))
     if not native_available():
         pytest.skip('no C compiler')
-    assert native_module.native_build_flags() == ('-O2', )
+    assert native_module.native_build_flags() == flags
+    # The vectorised tiles are the ones skip execution's 'auto' picks.
+    assert direct_conv_fast() == ('-mavx2' in flags)
     gen = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(13, 10, 3, 3, generator=gen), torch.randn(13)
-    rows, cols = _subset(13, 0.5, gen), _subset(10, 0.6, gen)
-    x = torch.randn(1, cols.numel(), 9, 11, generator=gen)
-    residual = torch.randn(1, 13, 9, 11, generator=gen)
-    for args in ((x, weight, bias, 1, 1, rows, cols, None, True),
-                 (x, weight, bias, 2, 2, None, cols, residual, False)):
-        torch.testing.assert_close(
-            gathered_conv2d(*args), gathered_conv2d_reference(*args),
-            rtol=1e-4, atol=1e-4)
+    for c_in, c_out, height, width, kernel, padding, dilation in \
+            CONV_GEOMETRIES:
+        weight = torch.randn(c_out, c_in, *kernel, generator=gen)
+        bias = torch.randn(c_out, generator=gen)
+        rows, cols = _subset(c_out, 0.5, gen), _subset(c_in, 0.6, gen)
+        x = torch.randn(1, cols.numel(), height, width, generator=gen)
+        residual = torch.randn(1, c_out, height, width, generator=gen)
+        for args in ((x, weight, bias, padding, dilation, rows, cols, None,
+                      True), (x, weight, bias, padding, dilation, None, cols,
+                              residual, False)):
+            torch.testing.assert_close(
+                gathered_conv2d(*args), gathered_conv2d_reference(*args),
+                rtol=1e-4, atol=1e-4)
+    # 10 groups of 9 columns, 6 of them open; 3 of 7 rows.
+    groups = _subset(10, 0.6, gen)
     matrix, im2col = torch.randn(7, 90), torch.randn(54, 70)
-    args = (matrix, im2col, 9, rows[:3], cols, torch.randn(7), True)
+    args = (matrix, im2col, 9, _subset(7, 0.4, gen), groups, torch.randn(7),
+            True)
     torch.testing.assert_close(gathered_gemm(*args),
                                gathered_gemm_reference(*args), rtol=1e-4,
                                atol=1e-4)

@@ -47,8 +47,10 @@ class CompactChannelGate(ChannelGate):
         self.num_always_on = num_always_on
         self.out_channels = num_conditional + num_always_on
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gates = super().forward(x)
+    def forward(self,
+                x: torch.Tensor,
+                fold_norm: bool = False) -> torch.Tensor:
+        gates = super().forward(x, fold_norm)
         if not self.num_always_on:
             return gates
         out = self.output

@@ -24,6 +24,7 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, is_model_wrapper
 
 from ..utils.checks import check_number
+from .folding import bn_scale_shift, cached_on
 
 GATE_CFG_DEFAULTS = dict(
     hidden_channels=16,
@@ -152,6 +153,13 @@ def binary_concrete(logits: torch.Tensor,
     return hard + (relaxed - relaxed.detach()), relaxed
 
 
+def _fold_norm(fc1: nn.Linear, norm: nn.Module):
+    """Weight and bias of the one linear layer equal to ``norm(fc1(x))``
+    for an eval-mode BN (fc1 has no bias)."""
+    scale, shift = bn_scale_shift(norm)
+    return (fc1.weight * scale[:, None]).contiguous(), shift
+
+
 class ChannelGate(BaseModule):
     """Gating module with Binary Concrete gates (paper section 4.1).
 
@@ -197,11 +205,18 @@ class ChannelGate(BaseModule):
         self.forced: Union[None, bool, float] = None
         self.force_generator: Optional[torch.Generator] = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self,
+                x: torch.Tensor,
+                fold_norm: bool = False) -> torch.Tensor:
         """Compute the gates of a batch.
 
         Args:
             x (Tensor): Block input of shape ``(N, C_in, H, W)``.
+            fold_norm (bool): Fold the BN into fc1 (in eval mode without
+                autograd; else ignored). Skip execution, which folds every
+                BN of a block, asks for it; mask execution computes the
+                module as built, as the MAC analysis counts it.
+                Default: False.
 
         Returns:
             Tensor: Gates of shape ``(N, out_channels)``, 0 or 1 in value; in
@@ -209,8 +224,11 @@ class ChannelGate(BaseModule):
             Concrete estimator.
         """
         pooled = x.mean(dim=(2, 3))
-        hidden = F.relu(self._normalize(self.fc1(pooled)))
-        logits = self.fc2(hidden)
+        if fold_norm and self._norm_foldable():
+            hidden = self._folded_fc1(pooled)
+        else:
+            hidden = self._normalize(self.fc1(pooled))
+        logits = self.fc2(F.relu(hidden))
         if self.training:
             gates, relaxed = binary_concrete(logits, self.tau)
         else:
@@ -221,6 +239,26 @@ class ChannelGate(BaseModule):
         self.output = GateOutput(logits, torch.sigmoid(logits), relaxed,
                                  gates, tuple(x.shape[2:]))
         return gates
+
+    def _norm_foldable(self) -> bool:
+        """Whether the BN can be folded into fc1: eval mode, running
+        statistics and no autograd (the folded copy is built without)."""
+        norm = self.norm
+        return (not self.training and not norm.training
+                and not torch.is_grad_enabled()
+                and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+                and norm.running_mean is not None)
+
+    def _folded_fc1(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``norm(fc1(pooled))`` as one product (the norm call costs about
+        as much as the rest of the gate at batch 1), with the folded weight
+        cached until a weight or statistic changes."""
+        norm = self.norm
+        sources = (self.fc1.weight, norm.running_mean, norm.running_var,
+                   norm.weight, norm.bias)
+        weight, bias = cached_on(self.fc1, '_folded_norm', sources,
+                                 lambda: _fold_norm(self.fc1, norm))
+        return torch.addmm(bias, pooled, weight.t())
 
     def _normalize(self, hidden: torch.Tensor) -> torch.Tensor:
         """The hidden layer's norm, on ``(N, C)`` as an ``(N, C, 1, 1)``

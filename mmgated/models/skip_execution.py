@@ -18,7 +18,8 @@ How a block runs (see :class:`SkipRunner`):
 * Every convolution and its eval-mode BN are one convolution with a bias
   (:class:`FoldedConv`; the folded copy is cached on the conv until a weight
   or statistic changes), so a closed channel costs neither its filter nor
-  its BN. The block's shortcut and final ReLU go into its last convolution.
+  its BN. The block's shortcut and final ReLU go into its last convolution,
+  and each gating module's BN into its first fully connected layer.
 * The convolutions before the first and after the last one that touches a
   gated map run for the whole batch with all channels.
 * The others run once per group of samples sharing a gate pattern, with
@@ -451,7 +452,9 @@ class SkipRunner:
                 'computed with the BN running statistics and without the '
                 "gates' gradient); call model.eval() or "
                 "set_gate_execution(model, 'mask') to train")
-        gates = [getattr(block, name)(x) for name in plan.gate_names]
+        # The gates' BN folded into their fc1, as the convolutions' are.
+        gates = [getattr(block, name)(x, fold_norm=True)
+                 for name in plan.gate_names]
         shortcut = x if block.downsample is None else block.downsample(x)
         # The shortcut goes into the last conv unless plugins follow it.
         fused = not plan.plugins[plan.last]

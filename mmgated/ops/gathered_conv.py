@@ -63,10 +63,11 @@ def keeps_size(kernel_size, padding, dilation) -> bool:
 
 
 def direct_conv_fast() -> bool:
-    """Whether :func:`gathered_conv2d` runs compiled with its AVX-512
-    tiles. Only then is it faster than gathering the open weights for
-    oneDNN, so skip execution's ``backend='auto'`` picks the compiled
-    backend only then (the result is the same either way)."""
+    """Whether :func:`gathered_conv2d` runs compiled with vectorised tiles
+    (AVX-512, or AVX2 with FMA). Only then is it faster than gathering the
+    open weights for oneDNN (the plain C tiles are not), so skip
+    execution's ``backend='auto'`` picks the compiled backend only then
+    (the result is the same either way)."""
     library = native_library()
     if library is None:
         return False

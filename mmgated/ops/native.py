@@ -23,8 +23,8 @@ import warnings
 
 _SOURCES = (osp.join(osp.dirname(__file__), 'csrc', 'gathered_product.c'), )
 # Tried in order; the first set the compiler accepts and whose library
-# loads is used. Without -march=native there are no AVX-512 tiles; without
-# -fopenmp one thread.
+# loads is used. Without -march=native there are no vectorised tiles
+# (AVX-512 or AVX2); without -fopenmp one thread.
 _FLAG_SETS = (
     ('-O3', '-march=native', '-fopenmp'),
     ('-O3', '-fopenmp'),

@@ -22,8 +22,8 @@ def build_skip_backend(name: str = 'auto', device='cpu'):
 
     Args:
         name (str): ``'torch'``, ``'compiled'`` or ``'auto'``: the compiled
-            backend on the CPU where the compiled kernels build with their
-            AVX-512 tiles (only those beat oneDNN, see
+            backend on the CPU where the compiled kernels build with
+            vectorised tiles, AVX-512 or AVX2 (only those beat oneDNN, see
             :func:`~mmgated.ops.direct_conv_fast`), else the torch one.
         device (str | torch.device): Where the model's weights are.
 
