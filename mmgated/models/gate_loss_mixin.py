@@ -2,7 +2,6 @@
 classifier."""
 import torch
 
-from .blocks import is_gated_block
 from .gates import clear_gates, collect_gates, gate_modules
 
 SHAPED_QUANTITIES = ('probs', 'relaxed')
@@ -112,15 +111,14 @@ class GateLossMixin:
         Returns:
             list[float]: One figure per gate, in the order of ``gates``.
         """
-        macs = {}
-        for block_name, block in self.named_modules():
-            if is_gated_block(block):
-                for name in block.gate_names:
-                    full = f'{block_name}.{name}'
-                    if full in gates:
-                        macs[full] = block.controlled_macs(
-                            gates[full].input_size)[name]
-        return [macs[name] for name in gates]
+        # Each gate's block by its name: no walk over the whole model on
+        # every training step.
+        macs = []
+        for name, output in gates.items():
+            block_name, _, gate_name = name.rpartition('.')
+            block = self.get_submodule(block_name)
+            macs.append(block.controlled_macs(output.input_size)[gate_name])
+        return macs
 
     def gate_losses(self) -> dict:
         """Gate losses and statistics of the last forward pass.
