@@ -1,5 +1,8 @@
 """The compiled operations against convolutions and PyTorch."""
 import importlib
+import platform
+import shlex
+import subprocess
 
 import pytest
 import torch
@@ -215,6 +218,26 @@ def test_portable_build(flags, monkeypatch, tmp_path):
     torch.testing.assert_close(gathered_gemm(*args),
                                gathered_gemm_reference(*args), rtol=1e-4,
                                atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    'isa', [(), ('-mavx2', '-mfma'), ('-mavx512f', '-mavx512vl', '-mfma')],
+    ids=['plain', 'avx2', 'avx512'])
+def test_every_tile_compiles_cleanly(isa, tmp_path):
+    """The plain, AVX2 and AVX-512 tiles compile without warnings, whatever
+    this CPU runs (the AVX-512 ones run only on AVX-512 machines, so a
+    mistake in them would otherwise go unnoticed elsewhere)."""
+    if isa and platform.machine().lower() not in ('x86_64', 'amd64'):
+        pytest.skip('x86 instruction sets')
+    compiler = native_module.c_compiler()
+    if compiler is None:
+        pytest.skip('no C compiler')
+    result = subprocess.run(
+        [*shlex.split(compiler), '-O2', '-Wall', '-Werror',
+         '-Wno-unknown-pragmas', *isa, '-c', *native_module._SOURCES, '-o',
+         str(tmp_path / 'tiles.o')],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize('compiled', [True, False])

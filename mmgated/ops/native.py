@@ -83,6 +83,12 @@ def _compile(compiler: str, flags, target: str) -> bool:
             os.remove(tmp)
 
 
+def c_compiler():
+    """The C compiler that builds the operations: ``$CC``, else ``cc`` or
+    ``gcc`` on the path; None if there is none."""
+    return os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
+
+
 def native_library():
     """The compiled library (``ctypes.CDLL``), building it on first use;
     None if it cannot be had (no compiler, ``MMGATED_NATIVE=0``)."""
@@ -92,8 +98,7 @@ def native_library():
     _library = False
     if os.environ.get('MMGATED_NATIVE', '1') == '0':
         return None
-    compiler = os.environ.get('CC') or shutil.which('cc') or shutil.which(
-        'gcc')
+    compiler = c_compiler()
     if compiler is None:
         warnings.warn('mmgated: no C compiler found; its compiled operations '
                       'run as PyTorch operations (slower)')
