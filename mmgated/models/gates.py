@@ -24,7 +24,7 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, is_model_wrapper
 
 from ..utils.checks import check_number
-from .folding import bn_scale_shift, cached_on
+from .folding import cached_fold_bn
 
 GATE_CFG_DEFAULTS = dict(
     hidden_channels=16,
@@ -153,13 +153,6 @@ def binary_concrete(logits: torch.Tensor,
     return hard + (relaxed - relaxed.detach()), relaxed
 
 
-def _fold_norm(fc1: nn.Linear, norm: nn.Module):
-    """Weight and bias of the one linear layer equal to ``norm(fc1(x))``
-    for an eval-mode BN (fc1 has no bias)."""
-    scale, shift = bn_scale_shift(norm)
-    return (fc1.weight * scale[:, None]).contiguous(), shift
-
-
 class ChannelGate(BaseModule):
     """Gating module with Binary Concrete gates (paper section 4.1).
 
@@ -253,11 +246,7 @@ class ChannelGate(BaseModule):
         """``norm(fc1(pooled))`` as one product (the norm call costs about
         as much as the rest of the gate at batch 1), with the folded weight
         cached until a weight or statistic changes."""
-        norm = self.norm
-        sources = (self.fc1.weight, norm.running_mean, norm.running_var,
-                   norm.weight, norm.bias)
-        weight, bias = cached_on(self.fc1, '_folded_norm', sources,
-                                 lambda: _fold_norm(self.fc1, norm))
+        weight, bias = cached_fold_bn(self.fc1, self.norm, '_folded_norm')
         return torch.addmm(bias, pooled, weight.t())
 
     def _normalize(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import conv_output_size, is_gated_block
-from .folding import bn_scale_shift, cached_on
+from .folding import cached_fold_bn, fold_bn
 from .gates import GATE_EXECUTIONS
 from .skip_backends import SKIP_BACKENDS, build_skip_backend
 
@@ -77,7 +77,7 @@ PLAN_COSTS = dict(cpu=dict(weight=64, call=0), cuda=dict(weight=1, call=1e8))
 GROUP_EFFICIENCY = 0.85
 # Plans kept per block (one per input size); more start the cache afresh.
 MAX_PLANS = 16
-# Name of the folded weight cached on a convolution (see cached_on).
+# Name of the folded weight cached on a convolution (see cached_fold_bn).
 _FOLDED = '_skip_folded'
 
 
@@ -207,15 +207,6 @@ def check_skip_support(block: nn.Module, name: Optional[str] = None) -> None:
                 'its closed channels; remove them or use execution=\'mask\'')
 
 
-def _fold_bn(conv: nn.Conv2d, norm: nn.Module):
-    """Weight and bias of the one convolution equal to ``norm(conv(x))``
-    for an eval-mode BN."""
-    scale, bias = bn_scale_shift(norm)
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    return (conv.weight * scale[:, None, None, None]).contiguous(), bias
-
-
 class FoldedConv:
     """A convolution of a block with its eval-mode BN folded in, as a
     backend runs it for inputs of one size.
@@ -235,17 +226,9 @@ class FoldedConv:
     def weight_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The folded weight (contiguous) and bias; without autograd the
         copy cached on the conv, so that the BN costs nothing per call."""
-        conv, norm = self.conv, self.norm
         if torch.is_grad_enabled():
-            return _fold_bn(conv, norm)
-        # The modules' own dicts: nn.Module.__getattr__ costs about a
-        # microsecond a name, for every convolution of every forward.
-        params, buffers = conv._parameters, norm._buffers
-        sources = (params['weight'], params.get('bias'),
-                   buffers.get('running_mean'), buffers.get('running_var'),
-                   norm._parameters.get('weight'),
-                   norm._parameters.get('bias'))
-        return cached_on(conv, _FOLDED, sources, lambda: _fold_bn(conv, norm))
+            return fold_bn(self.conv, self.norm)
+        return cached_fold_bn(self.conv, self.norm, _FOLDED)
 
 
 def _open_index(row: torch.Tensor) -> Optional[torch.Tensor]:

@@ -122,22 +122,36 @@ static void tile_masks(const Tile* T, uint16_t v[4], long off[4])
     }
 }
 
+/* Add a pass's sums acc (the tile's nn positions) of row i to its outputs,
+ * stored compressed (see Tile); the last pass adds the bias and the
+ * residual, then the ReLU. For the tiles without compress stores. */
+static inline void store_pass(const Tile* T, int i, const float* acc)
+{
+    uint16_t v[4];
+    long off[4];
+    tile_masks(T, v, off);
+    float* o = T->out + i * T->ldo;
+    const float* r = T->res ? T->res[i] : NULL;
+    long at = 0;
+    for (long n = 0; n < T->nn; n++) {
+        if (!((v[n / 16] >> (n % 16)) & 1))
+            continue;
+        float value = acc[n] + (T->first ? 0.f : o[at]);
+        if (T->last) {
+            value += T->bias[i] + (r ? r[at] : 0.f);
+            if (T->relu && value < 0.f) value = 0.f;
+        }
+        o[at++] = value;
+    }
+}
+
 #if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
 /* The plain C tile, for builds without AVX-512 or AVX2 and FMA. */
 static void tile_generic(const Tile* T)
 {
     const Taps* P = T->taps;
-    uint16_t v[4];
-    long off[4];
-    tile_masks(T, v, off);
     for (long i = 0; i < T->mb; i++) {
-        float acc[NC];
-        float* o = T->out + i * T->ldo;
-        for (long n = 0; n < T->nn; n++) {
-            int q = (int)(n / 16), keep = (v[q] >> (n % 16)) & 1;
-            long at = off[q] + __builtin_popcount(v[q] & ((1u << (n % 16)) - 1));
-            acc[n] = T->first || !keep ? 0.f : o[at];
-        }
+        float acc[NC] = {0.f};
         for (long j = T->j0; j < T->j1; j++)
             for (long a = 0; a < P->kh; a++)
                 for (long b = 0; b < P->kw; b++) {
@@ -146,18 +160,7 @@ static void tile_generic(const Tile* T)
                                      + b * P->step;
                     for (long n = 0; n < T->nn; n++) acc[n] += w * c[n];
                 }
-        for (long n = 0; n < T->nn; n++) {
-            int q = (int)(n / 16);
-            if (!((v[q] >> (n % 16)) & 1))
-                continue;
-            long at = off[q] + __builtin_popcount(v[q] & ((1u << (n % 16)) - 1));
-            float value = acc[n];
-            if (T->last) {
-                value += T->bias[i] + (T->res ? T->res[i][at] : 0.f);
-                if (T->relu && value < 0.f) value = 0.f;
-            }
-            o[at] = value;
-        }
+        store_pass(T, (int)i, acc);
     }
 }
 
@@ -308,25 +311,8 @@ static inline __attribute__((always_inline)) void tile_rows2(const Tile* T,
         else
             chunk2(T, acc, q, R, 0);
     }
-    /* Add the pass to the outputs, stored compressed (see Tile). */
-    uint16_t v[4];
-    long off[4];
-    tile_masks(T, v, off);
-    for (int i = 0; i < R; i++) {
-        float* o = T->out + i * T->ldo;
-        const float* r = T->res ? T->res[i] : NULL;
-        long at = 0;
-        for (long n = 0; n < T->nn; n++) {
-            if (!((v[n / 16] >> (n % 16)) & 1))
-                continue;
-            float value = acc[i][n] + (T->first ? 0.f : o[at]);
-            if (T->last) {
-                value += T->bias[i] + (r ? r[at] : 0.f);
-                if (T->relu && value < 0.f) value = 0.f;
-            }
-            o[at++] = value;
-        }
-    }
+    for (int i = 0; i < R; i++)
+        store_pass(T, i, acc[i]);
 }
 static void tile_avx2(const Tile* T)
 {
