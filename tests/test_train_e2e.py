@@ -364,13 +364,34 @@ def test_cityscapes_without_train_ids_fails_before_training(tmp_path):
 
 def test_close_distributed_destroys_the_process_group(tmp_path):
     """tools/train.py and tools/test.py end with close_distributed: a gloo
-    group left alive can abort its process at exit."""
+    group left alive can abort its process at exit. The group must really
+    go, so a DDP wrapper that a released runner kept in a reference cycle
+    is freed first."""
+    import gc
+
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     from mmgated.utils.run_config import close_distributed
+
+    def alive_wrappers():
+        return sum(isinstance(o, DistributedDataParallel)
+                   for o in gc.get_objects())
+
     close_distributed()  # nothing to close: no error
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store',
                             rank=0, world_size=1)
     assert dist.is_initialized()
-    close_distributed()
+    runner = dict(model=DistributedDataParallel(torch.nn.Linear(3, 2)))
+    runner['self'] = runner  # a reference cycle, as the runner's hooks make
+    runner['model'](torch.randn(4, 3)).sum().backward()
+    before = alive_wrappers()
+    gc.disable()  # only close_distributed may collect the cycle
+    try:
+        del runner
+        assert alive_wrappers() == before
+        close_distributed()
+    finally:
+        gc.enable()
+    assert alive_wrappers() == before - 1
     assert not dist.is_initialized()

@@ -182,6 +182,7 @@ def main(argv=None):
     if speed_hook is not None:
         _log_test_speed(speed_hook, args.gate_execution,
                         time.perf_counter() - start)
+    del runner  # its DDP wrapper holds the process group (close_distributed)
     close_distributed()
     return metrics
 

@@ -122,6 +122,7 @@ def main(argv=None):
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
         else RUNNERS.build(cfg)
     runner.train()
+    del runner  # its DDP wrapper holds the process group (close_distributed)
     close_distributed()
 
 

@@ -1,4 +1,5 @@
 """What tools/train.py and tools/test.py do to a config before running it."""
+import gc
 import logging
 import os.path as osp
 from typing import Sequence
@@ -165,10 +166,18 @@ def check_config_images(cfg: Config, splits: Sequence[str]) -> None:
 
 def close_distributed() -> None:
     """Destroy the default process group, if one was set up, once a run has
-    finished: a process that exits with a gloo group still alive may abort
-    while tearing down its worker threads ("terminate called without an
-    active exception", pytorch/pytorch#190489), which fails the launcher
-    even though the run succeeded."""
+    finished and its runner has been released.
+
+    A gloo group that outlives the interpreter's shutdown may abort its
+    process while its worker threads release their last tensors
+    ("terminate called without an active exception", pytorch/pytorch#190489),
+    which fails the launcher even though the run succeeded. Destroying the
+    group is not enough while a DDP wrapper still holds it: the runner lives
+    in reference cycles, so its wrapper (with the group and the gradient
+    buckets of its last all-reduce) would only be freed at shutdown. The
+    caller drops its runner first; the garbage collection here frees it.
+    """
+    gc.collect()
     if torch.distributed.is_available() \
             and torch.distributed.is_initialized():
         # Every rank first waits for the others to finish their last
