@@ -106,8 +106,9 @@ class LastStage(nn.Module):
 
 def onnx_session(network, example, path, threads):
     import onnxruntime
+    from mmgated.deploy import gate_records_exported
     batch = torch.export.Dim('batch', min=1, max=4096)
-    with torch.no_grad():
+    with torch.no_grad(), gate_records_exported(network):
         torch.onnx.export(
             LastStage(network).eval(), (example, ), path,
             input_names=['inputs'], dynamic_shapes=({0: batch}, ),

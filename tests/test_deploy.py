@@ -71,6 +71,25 @@ def test_skip_execution_is_exported_in_mask_execution(cls_model, tmp_path,
     assert 'on a random batch: max |difference|' in printed
 
 
+def test_export_leaves_no_gate_records_and_no_warnings(cls_model, tmp_path):
+    """The gates' records of the traced batch are dropped, and torch.export's
+    warning about them (one per gate) is not shown to the user."""
+    import warnings
+
+    from mmgated.deploy import export_onnx
+    _, _, model = cls_model
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 3, 32, 32), mode='tensor')
+    assert collect_gates(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        export_onnx(model, torch.randn(2, 3, 32, 32),
+                    str(tmp_path / 'm.onnx'))
+    assert not [str(w.message) for w in caught
+                if 'assigned during export' in str(w.message)]
+    assert collect_gates(model) == {}
+
+
 def test_existing_out_needs_force(cls_model, tmp_path):
     config, checkpoint, _ = cls_model
     out = tmp_path / 'taken.onnx'

@@ -6,13 +6,15 @@ operators (the gate's ``logits > 0`` is a comparison and a cast). Skip
 execution's data-dependent choice of channels has no static graph; a model
 set to skip execution is exported in mask execution, with the same outputs.
 """
+import contextlib
+import warnings
 from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..models import set_gate_execution
+from ..models import clear_gates, set_gate_execution
 
 
 class TensorOutput(nn.Module):
@@ -34,6 +36,28 @@ class TensorOutput(nn.Module):
             # mmpretrain heads may return a tuple of one tensor.
             out = out[-1]
         return out
+
+
+@contextlib.contextmanager
+def gate_records_exported(model: nn.Module):
+    """Context for tracing ``model`` with ``torch.export`` (ONNX export):
+    each gate keeps its last output on itself for ``collect_gates``, a side
+    effect outside the graph that torch.export warns about once per gate.
+    The warning is not shown, and the records of the traced (fake) batch
+    are dropped on exit.
+
+    Args:
+        model (nn.Module): The model (or module holding the gates) that is
+            exported.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                'ignore',
+                r'The tensor attributes .* were assigned during export')
+            yield
+    finally:
+        clear_gates(model)
 
 
 def export_onnx(model: nn.Module,
@@ -61,7 +85,7 @@ def export_onnx(model: nn.Module,
         set_gate_execution(model, 'mask')
     model.eval()
     batch = torch.export.Dim('batch', min=1, max=4096)
-    with torch.no_grad():
+    with torch.no_grad(), gate_records_exported(model):
         torch.onnx.export(
             TensorOutput(model).eval(), (example, ),
             path,
