@@ -177,9 +177,9 @@ def close_distributed() -> None:
     buckets of its last all-reduce) would only be freed at shutdown. The
     caller drops its runner first; the garbage collection here frees it.
     """
-    gc.collect()
     if torch.distributed.is_available() \
             and torch.distributed.is_initialized():
+        gc.collect()
         # Every rank first waits for the others to finish their last
         # collective (rank 0 saves and logs longest): a rank that tears its
         # group down while a peer still talks to it aborted that peer.
