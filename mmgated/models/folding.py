@@ -4,6 +4,13 @@ import torch
 import torch.nn as nn
 
 
+def is_foldable_bn(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a BN layer with running statistics, which
+    :func:`bn_scale_shift` turns into a per-channel scale and shift."""
+    return (isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            and norm.running_mean is not None)
+
+
 def bn_scale_shift(norm: nn.Module):
     """``(scale, shift)`` with ``norm(x) == x * scale + shift`` per channel,
     for a BN layer in eval mode (running statistics)."""

@@ -24,7 +24,7 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule, is_model_wrapper
 
 from ..utils.checks import check_number
-from .folding import cached_fold_bn
+from .folding import cached_fold_bn, is_foldable_bn
 
 GATE_CFG_DEFAULTS = dict(
     hidden_channels=16,
@@ -238,9 +238,7 @@ class ChannelGate(BaseModule):
         statistics and no autograd (the folded copy is built without)."""
         norm = self.norm
         return (not self.training and not norm.training
-                and not torch.is_grad_enabled()
-                and isinstance(norm, nn.modules.batchnorm._BatchNorm)
-                and norm.running_mean is not None)
+                and not torch.is_grad_enabled() and is_foldable_bn(norm))
 
     def _folded_fc1(self, pooled: torch.Tensor) -> torch.Tensor:
         """``norm(fc1(pooled))`` as one product (the norm call costs about

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import conv_output_size, is_gated_block
-from .folding import cached_fold_bn, fold_bn
+from .folding import cached_fold_bn, fold_bn, is_foldable_bn
 from .gates import GATE_EXECUTIONS
 from .skip_backends import SKIP_BACKENDS, build_skip_backend
 
@@ -188,8 +188,7 @@ def check_skip_support(block: nn.Module, name: Optional[str] = None) -> None:
                 f'{conv.groups}, padding_mode={conv.padding_mode!r}; only '
                 "groups=1 and padding_mode='zeros' are supported")
     for j, norm in enumerate(norms):
-        if not (isinstance(norm, nn.modules.batchnorm._BatchNorm)
-                and norm.running_mean is not None):
+        if not is_foldable_bn(norm):
             raise NotImplementedError(
                 f'skip execution of {what}: norm{j + 1} is a '
                 f'{type(norm).__name__}; only BN layers with running '
