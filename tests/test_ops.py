@@ -121,6 +121,8 @@ CONV_GEOMETRIES = [
     (6, 11, 9, 10, (1, 3), (0, 1), (1, 1)),  # padding along one axis only
     (20, 16, 12, 17, (1, 1), (0, 0), (1, 1)),  # 1x1
     (8, 9, 1, 1, (3, 3), (1, 1), (1, 1)),  # a 1x1 map: all taps but one pad
+    (3, 4, 2, 7, (3, 3), (1, 1), (1, 1)),  # maps narrower than a vector
+    (3, 5, 4, 20, (1, 17), (0, 8), (1, 1)),  # wider than the kernel takes
 ]
 
 

@@ -12,7 +12,7 @@ convolutions of ResNet blocks, dilated or not),
             + residual[rows])
 
 without copying the selected part of ``W`` out and without im2col (the
-compiled function makes one zero-padded copy of ``x``). At batch 1 a
+compiled function makes one copy of ``x`` between zero rows). At batch 1 a
 convolution reads its whole weight for few pixels; PyTorch's path gathers
 the open channels (a pass through memory) and oneDNN reorders the copy into
 its blocked layout on every call (another) before it computes. Skip execution's compiled backend uses this for the
@@ -32,6 +32,10 @@ import torch.nn.functional as F
 
 from .gathered_gemm import check_index, check_ranges, raise_for_status
 from .native import check_tensor, native_function, native_library, pointer
+
+# The widest kernel the compiled function takes (KW_MAX in
+# csrc/gathered_product.c); wider ones run as the reference.
+MAX_KERNEL_WIDTH = 16
 
 # The compiled function's argument types, in the order of its C signature.
 _ARGTYPES = [
@@ -164,7 +168,7 @@ def gathered_conv2d_unchecked(x, weight, bias, padding, dilation, rows,
     ``dilation`` are pairs."""
     out_channels, in_channels, kh, kw = weight.shape
     function = native_function('gathered_conv', _ARGTYPES, ctypes.c_int)
-    if function is None:
+    if function is None or kw > MAX_KERNEL_WIDTH:
         check_ranges('gathered_conv2d', dict(rows=(rows, out_channels),
                                              col_groups=(col_groups,
                                                          in_channels)))

@@ -39,7 +39,7 @@ WEIGHT_BOUND_PIXELS = 64
 
 # gathered_conv2d keeps one operand in L2 while it streams the other: the
 # weight (if it has at most 512 KB, see csrc/gathered_product.c) or else the
-# zero-padded input map. Where both are larger (the 32x32 maps of 256-512
+# input map between its zero rows. Where both are larger (the 32x32 maps of 256-512
 # channels in PSPNet-R50-D8's stages 3-4) it would read one of them from
 # memory for every tile; oneDNN blocks such products better.
 DIRECT_WEIGHT_BYTES = 512 * 1024
@@ -84,10 +84,11 @@ def _im2col_gemm(layer, x, in_idx, out_idx, relu, residual):
 
 
 def _fits_direct(conv, height: int, width: int) -> bool:
-    """Whether the weight or the padded input of ``conv`` on a
-    ``height x width`` map fits gathered_conv2d's cache budget."""
-    (ph, pw), bytes_ = conv.padding, 4
-    padded_input = conv.in_channels * (height + 2 * ph) * (width + 2 * pw)
+    """Whether the weight or the input of ``conv`` on a ``height x width``
+    map, as gathered_conv2d copies it (between zero rows), fits its cache
+    budget."""
+    ph, bytes_ = conv.padding[0], 4
+    padded_input = conv.in_channels * (height + 2 * ph) * width
     return (conv.weight.numel() * bytes_ <= DIRECT_WEIGHT_BYTES
             or padded_input * bytes_ <= DIRECT_INPUT_BYTES)
 

@@ -14,11 +14,12 @@
  * - gathered_gemm: in an im2col matrix, row j * G + t.
  * - gathered_conv: in the map itself, for a stride-1 convolution whose
  *   output has the input's size ("same" padding). The map is first copied
- *   into a zero-padded scratch map (pitch Wp = W + 2 * pw); there output
- *   pixel (y, x) at y * Wp + x reads tap (a, b) at a further
- *   a * dh * Wp + b * dw, so a tile of 64 consecutive positions reads 64
- *   consecutive values per tap: no im2col. The positions x >= W of a tile
- *   are no outputs: tiles store (and reload) their outputs compressed.
+ *   into a scratch map with zero rows above and below it; there output
+ *   position n = y * W + x reads tap (a, b) at n + a * dh * W + b * dw - pw,
+ *   so a tile of 64 consecutive positions reads 64 consecutive values per
+ *   tap: no im2col, and no position computed in vain. Where a tap falls
+ *   left or right of the map (x + b * dw - pw outside [0, W)), that lane's
+ *   read is masked to zero: each column tile has one mask per tap column b.
  *
  * At batch 1 a convolution reads its whole weight for few pixels; gathering
  * the open channels first, and oneDNN's reorder of the gathered copy into its
@@ -47,12 +48,19 @@
  * Where the reduction reads: input channel j's tap (a, b), a < kh, b < kw,
  * lies at src + j * plane + a * rowstep + b * step, and its weight at
  * wr[i][wch[j] + a * kw + b]. An im2col matrix is the case kh = 1, kw = G,
- * step = N, plane = G * N.
+ * step = N, plane = G * N. edges: the reads of tap column b are masked by
+ * the tile's masks of b (a convolution's left and right borders), else by
+ * its first (the positions of the tile) for every b.
  */
 typedef struct {
     const int32_t* wch;
     long kh, kw, rowstep, step, plane;
+    int edges;
 } Taps;
+
+/* The most tap columns with masks of their own (gathered_conv's limit on
+ * kw). */
+#define KW_MAX 16
 
 typedef struct {
     const float* const* wr;  /* MB weight rows (the first repeated past mb) */
@@ -61,10 +69,10 @@ typedef struct {
     long j0, j1;             /* input channels of this pass */
     const float* src;        /* source, at the tile's first position */
     long nn;                 /* positions of the tile (<= NC) */
-    /* Which of the 64 positions are outputs (NULL: the first nn); they are
-     * stored consecutively from out. */
-    const uint16_t* keep;
-    float* out;              /* row 0's output at the tile's first output */
+    /* 4 lane masks (16 positions each) per tap column (see Taps.edges):
+     * which reads of the tile are inside the map. */
+    const uint16_t* masks;
+    float* out;              /* row 0's output at the tile's first position */
     long ldo;
     int first, last;         /* first / last pass over the reduction */
     const float* bias;       /* MB values, added on the last pass */
@@ -72,10 +80,15 @@ typedef struct {
     int relu;
 } Tile;
 
+/* The masks of tap column b in a tile. */
+#define TAP_MASKS(T, b) ((T)->masks + 4 * ((T)->taps->edges ? (b) : 0))
+
 /*
- * A tile pass's reduction: STEP(c, o) for each input channel of the pass
- * and each tap, with c the tap's source at the tile's first position (src0
- * at the pass's first channel) and o the tap's column in a weight row. The
+ * A tile pass's reduction: STEP(c, o, b, centre) for each input channel of
+ * the pass and each tap, with c the tap's source at the tile's first
+ * position (src0 at the pass's first channel), o the tap's column in a
+ * weight row, b its tap column and centre whether b is the middle one,
+ * which stays inside the rows of a "same" convolution (no edge lanes). The
  * common 3x3 kernel is unrolled, without per-tap index loads, and
  * prefetches LINES cache lines of its rows AHEAD channels on: they are
  * planes away, too far for the hardware prefetcher to see in time.
@@ -92,9 +105,9 @@ typedef struct {
                 const char* pf_ = (const char*)(row_ + (AHEAD) * tp_->plane); \
                 for (int l_ = 0; l_ < (LINES); l_++) \
                     _mm_prefetch(pf_ + 64 * l_, _MM_HINT_T0); \
-                STEP(row_, col_ + 3 * a_) \
-                STEP(row_ + st_, col_ + 3 * a_ + 1) \
-                STEP(row_ + 2 * st_, col_ + 3 * a_ + 2) \
+                STEP(row_, col_ + 3 * a_, 0, 0) \
+                STEP(row_ + st_, col_ + 3 * a_ + 1, 1, 1) \
+                STEP(row_ + 2 * st_, col_ + 3 * a_ + 2, 2, 0) \
             } \
         } \
     } else { \
@@ -103,45 +116,26 @@ typedef struct {
             for (long a_ = 0; a_ < tp_->kh; a_++) \
                 for (long b_ = 0; b_ < tp_->kw; b_++) \
                     STEP(ch_ + a_ * tp_->rowstep + b_ * tp_->step, \
-                         col_ + a_ * tp_->kw + b_) \
+                         col_ + a_ * tp_->kw + b_, b_, \
+                         2 * b_ + 1 == tp_->kw) \
         } \
     } \
 } while (0)
 
-/* The output masks of a tile: keep, or the first nn positions. */
-static void tile_masks(const Tile* T, uint16_t v[4], long off[4])
-{
-    long done = 0;
-    for (int q = 0; q < 4; q++) {
-        long rem = T->nn - 16 * q;
-        uint16_t k = rem >= 16 ? 0xFFFF
-                               : (rem <= 0 ? 0 : (uint16_t)((1u << rem) - 1));
-        v[q] = T->keep ? (uint16_t)(T->keep[q] & k) : k;
-        off[q] = done;
-        done += __builtin_popcount(v[q]);
-    }
-}
-
-/* Add a pass's sums acc (the tile's nn positions) of row i to its outputs,
- * stored compressed (see Tile); the last pass adds the bias and the
- * residual, then the ReLU. For the tiles without compress stores. */
+/* Add a pass's sums acc (the tile's nn positions) of row i to its outputs;
+ * the last pass adds the bias and the residual, then the ReLU. For the
+ * tiles without masked stores. */
 static inline void store_pass(const Tile* T, int i, const float* acc)
 {
-    uint16_t v[4];
-    long off[4];
-    tile_masks(T, v, off);
     float* o = T->out + i * T->ldo;
     const float* r = T->res ? T->res[i] : NULL;
-    long at = 0;
     for (long n = 0; n < T->nn; n++) {
-        if (!((v[n / 16] >> (n % 16)) & 1))
-            continue;
-        float value = acc[n] + (T->first ? 0.f : o[at]);
+        float value = acc[n] + (T->first ? 0.f : o[n]);
         if (T->last) {
-            value += T->bias[i] + (r ? r[at] : 0.f);
+            value += T->bias[i] + (r ? r[n] : 0.f);
             if (T->relu && value < 0.f) value = 0.f;
         }
-        o[at++] = value;
+        o[n] = value;
     }
 }
 
@@ -158,7 +152,10 @@ static void tile_generic(const Tile* T)
                     float w = T->wr[i][P->wch[j] + a * P->kw + b];
                     const float* c = T->src + j * P->plane + a * P->rowstep
                                      + b * P->step;
-                    for (long n = 0; n < T->nn; n++) acc[n] += w * c[n];
+                    const uint16_t* m = TAP_MASKS(T, b);
+                    for (long n = 0; n < T->nn; n++)
+                        if ((m[n / 16] >> (n % 16)) & 1)
+                            acc[n] += w * c[n];
                 }
         store_pass(T, (int)i, acc);
     }
@@ -177,23 +174,19 @@ static inline __attribute__((always_inline)) void tile_rows(const Tile* T,
                                                             const int V)
 {
     const Taps* P = T->taps;
-    __mmask16 k[4], v[4];
-    uint16_t vv[4];
-    long off[4];
-    tile_masks(T, vv, off);
+    /* The lanes of the tile's positions, for its outputs. */
+    __mmask16 k[4];
     for (int q = 0; q < 4; q++) {
         long rem = T->nn - 16 * q;
         k[q] = rem >= 16 ? (__mmask16)0xFFFF
                          : (rem <= 0 ? (__mmask16)0 : (__mmask16)((1u << rem) - 1));
-        v[q] = (__mmask16)vv[q];
     }
     float* out = T->out;
     long ldo = T->ldo;
     int first = T->first;
     /* Named accumulators so that the compiler keeps all 24 in registers. */
-    /* Outputs are stored compressed and reloaded expanded (see Tile). */
 #define LOAD(i, q) (first || (i) >= R ? _mm512_setzero_ps() \
-        : _mm512_maskz_expandloadu_ps(v[q], out + (i) * ldo + off[q]))
+        : _mm512_maskz_loadu_ps(k[q], out + (i) * ldo + 16 * (q)))
 #define DECL(i) __m512 a##i##0 = LOAD(i, 0), a##i##1 = LOAD(i, 1), \
                        a##i##2 = LOAD(i, 2), a##i##3 = LOAD(i, 3); \
                 const float* w##i = T->wr[i];
@@ -203,24 +196,28 @@ static inline __attribute__((always_inline)) void tile_rows(const Tile* T,
         if (V > 1) a##i##1 = _mm512_fmadd_ps(w, c1, a##i##1); \
         if (V > 2) a##i##2 = _mm512_fmadd_ps(w, c2, a##i##2); \
         if (V > 3) a##i##3 = _mm512_fmadd_ps(w, c3, a##i##3); }
-    /* One reduction row: 16 * V source values at c times weight column o. */
-#define VLOAD(q, p) (V > (q) ? _mm512_maskz_loadu_ps(k[q], p) : _mm512_setzero_ps())
-#define STEP(c, o) { const float* s_ = (c); long o_ = (o); \
-        __m512 c0 = VLOAD(0, s_), c1 = VLOAD(1, s_ + 16), \
-               c2 = VLOAD(2, s_ + 32), c3 = VLOAD(3, s_ + 48); \
+    /* One reduction row: 16 * V source values at c, those of tap column b
+     * inside the map, times weight column o. Masked loads cost what plain
+     * ones do here, so the middle tap column (centre) is masked as well. */
+#define VLOAD(q, p, m) (V > (q) ? _mm512_maskz_loadu_ps((__mmask16)(m)[q], p) \
+                                : _mm512_setzero_ps())
+#define STEP(c, o, b, centre) { const float* s_ = (c); long o_ = (o); \
+        const uint16_t* m_ = TAP_MASKS(T, b); \
+        __m512 c0 = VLOAD(0, s_, m_), c1 = VLOAD(1, s_ + 16, m_), \
+               c2 = VLOAD(2, s_ + 32, m_), c3 = VLOAD(3, s_ + 48, m_); \
         FMA(0, o_) FMA(1, o_) FMA(2, o_) FMA(3, o_) FMA(4, o_) FMA(5, o_) }
     REDUCE(T, T->src + T->j0 * P->plane, STEP, 1, 5);
     const __m512 zero = _mm512_setzero_ps();
     /* The last pass adds the bias and the residual, then the ReLU. */
 #define FINISH(i, q) ({ __m512 v_ = a##i##q; if (T->last) { \
         v_ = _mm512_add_ps(v_, _mm512_set1_ps(T->bias[i])); \
-        if (T->res) v_ = _mm512_add_ps(v_, _mm512_maskz_expandloadu_ps(v[q], T->res[i] + off[q])); \
+        if (T->res) v_ = _mm512_add_ps(v_, _mm512_maskz_loadu_ps(k[q], T->res[i] + 16 * (q))); \
         if (T->relu) v_ = _mm512_max_ps(v_, zero); } v_; })
 #define STORE(i) if ((i) < R) { \
-        _mm512_mask_compressstoreu_ps(out + (i) * ldo + off[0], v[0], FINISH(i, 0)); \
-        if (V > 1) _mm512_mask_compressstoreu_ps(out + (i) * ldo + off[1], v[1], FINISH(i, 1)); \
-        if (V > 2) _mm512_mask_compressstoreu_ps(out + (i) * ldo + off[2], v[2], FINISH(i, 2)); \
-        if (V > 3) _mm512_mask_compressstoreu_ps(out + (i) * ldo + off[3], v[3], FINISH(i, 3)); }
+        _mm512_mask_storeu_ps(out + (i) * ldo, k[0], FINISH(i, 0)); \
+        if (V > 1) _mm512_mask_storeu_ps(out + (i) * ldo + 16, k[1], FINISH(i, 1)); \
+        if (V > 2) _mm512_mask_storeu_ps(out + (i) * ldo + 32, k[2], FINISH(i, 2)); \
+        if (V > 3) _mm512_mask_storeu_ps(out + (i) * ldo + 48, k[3], FINISH(i, 3)); }
     STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
 #undef LOAD
 #undef DECL
@@ -254,22 +251,38 @@ static void tile_avx512(const Tile* T)
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-/* Lanes [0, rem) of an 8-lane mask (rem clamped to [0, 8]). */
-static inline __m256i lanes(long rem)
+/* The 8 lanes of a mask whose bit l selects lane l. */
+static inline __m256i lanes_of(unsigned bits)
 {
-    const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    long r = rem < 0 ? 0 : (rem > 8 ? 8 : rem);
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), index);
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_cmpeq_epi32(
+        _mm256_and_si256(_mm256_set1_epi32((int)bits), bit), bit);
 }
 
-/* One chunk of 16 positions (lanes k0, k1; all 16 where FULL) of R rows
- * over the pass's reduction, into acc. */
+/* How a chunk of the AVX2 tile reads its source: whole (16 positions, no
+ * edges), whole and then masked by the tap column's lanes (a convolution's
+ * map, read in place between guards, see gathered_conv: plain loads and an
+ * AND are faster than masked loads on AMD; the middle tap column needs no
+ * mask, its lanes past the map are not stored), or by masked loads (the
+ * last chunk of an im2col matrix, which has no guard). */
+enum { READ_ALL, READ_AND, READ_MASKED };
+
+/* One chunk of 16 positions of R rows over the pass's reduction, into acc,
+ * reading the source as HOW says. */
 static inline __attribute__((always_inline)) void chunk2(
-    const Tile* T, float acc[MB][NC], long q, const int R, const int FULL)
+    const Tile* T, float acc[MB][NC], long q, const int R, const int HOW)
 {
     const Taps* P = T->taps;
-    long rem = T->nn - 16 * q;
-    const __m256i k0 = lanes(rem), k1 = lanes(rem - 8);
+    __m256i mk[KW_MAX][2];
+    for (long b = 0; HOW != READ_ALL && b < (P->edges ? P->kw : 1); b++) {
+        unsigned bits = TAP_MASKS(T, b)[q];
+        mk[b][0] = lanes_of(bits & 0xFF);
+        mk[b][1] = lanes_of(bits >> 8);
+    }
+#define READ(p, m) (HOW == READ_ALL ? _mm256_loadu_ps(p) \
+        : HOW == READ_AND ? _mm256_and_ps(_mm256_loadu_ps(p), \
+                                          _mm256_castsi256_ps(m)) \
+        : _mm256_maskload_ps(p, m))
 #define DECL(i) __m256 a##i##0 = _mm256_setzero_ps(), \
                        a##i##1 = _mm256_setzero_ps(); \
                 const float* w##i = T->wr[i];
@@ -277,16 +290,23 @@ static inline __attribute__((always_inline)) void chunk2(
 #define FMA(i, o) if ((i) < R) { __m256 w = _mm256_broadcast_ss(w##i + (o)); \
         a##i##0 = _mm256_fmadd_ps(w, c0, a##i##0); \
         a##i##1 = _mm256_fmadd_ps(w, c1, a##i##1); }
-#define STEP(c, o) { const float* s_ = (c); long o_ = (o); \
-        __m256 c0 = FULL ? _mm256_loadu_ps(s_) : _mm256_maskload_ps(s_, k0); \
-        __m256 c1 = FULL ? _mm256_loadu_ps(s_ + 8) \
-                         : _mm256_maskload_ps(s_ + 8, k1); \
+#define STEP(c, o, b, centre) { const float* s_ = (c); long o_ = (o); \
+        long e_ = P->edges ? (b) : 0; \
+        __m256 c0, c1; \
+        if (HOW == READ_AND && (centre)) { \
+            c0 = _mm256_loadu_ps(s_); \
+            c1 = _mm256_loadu_ps(s_ + 8); \
+        } else { \
+            c0 = READ(s_, mk[e_][0]); \
+            c1 = READ(s_ + 8, mk[e_][1]); \
+        } \
         FMA(0, o_) FMA(1, o_) FMA(2, o_) FMA(3, o_) FMA(4, o_) FMA(5, o_) }
     /* Two channels ahead measured a little faster than one on an AMD EPYC. */
     REDUCE(T, T->src + T->j0 * P->plane + 16 * q, STEP, 2, 2);
 #define SAVE(i) if ((i) < R) { _mm256_store_ps(acc[i] + 16 * q, a##i##0); \
         _mm256_store_ps(acc[i] + 16 * q + 8, a##i##1); }
     SAVE(0) SAVE(1) SAVE(2) SAVE(3) SAVE(4) SAVE(5)
+#undef READ
 #undef DECL
 #undef FMA
 #undef STEP
@@ -296,20 +316,25 @@ static inline __attribute__((always_inline)) void chunk2(
 /*
  * The AVX2 tile: R <= MB rows, the tile's positions in chunks of 16 (two
  * 8-lane vectors), so that the 12 accumulators, two source vectors and a
- * weight broadcast fit the 16 vector registers. AVX2 has no compress store:
- * the sums of the pass go to a local buffer, and a scalar loop adds them to
- * the compressed outputs (a few hundred operations against the pass's
- * MB * 64 * taps multiply-adds).
+ * weight broadcast fit the 16 vector registers. The sums of the pass go to
+ * a local buffer, and a scalar loop adds them to the outputs (a few hundred
+ * operations against the pass's MB * 64 * taps multiply-adds).
  */
 static inline __attribute__((always_inline)) void tile_rows2(const Tile* T,
                                                              const int R)
 {
     float acc[MB][NC] __attribute__((aligned(32)));
     for (long q = 0; 16 * q < T->nn; q++) {
-        if (T->nn - 16 * q >= 16)
-            chunk2(T, acc, q, R, 1);
+        /* Whether every tap of the chunk's 16 positions is inside. */
+        int inside = 1;
+        for (long b = 0; b < (T->taps->edges ? T->taps->kw : 1); b++)
+            inside &= TAP_MASKS(T, b)[q] == 0xFFFF;
+        if (inside)
+            chunk2(T, acc, q, R, READ_ALL);
+        else if (T->taps->edges)
+            chunk2(T, acc, q, R, READ_AND);
         else
-            chunk2(T, acc, q, R, 0);
+            chunk2(T, acc, q, R, READ_MASKED);
     }
     for (int i = 0; i < R; i++)
         store_pass(T, i, acc[i]);
@@ -334,20 +359,19 @@ static void tile_avx2(const Tile* T)
 
 /*
  * The shared loop: M rows, N positions, kc input channels read through
- * taps. keep: 4 masks per column tile of the positions that are outputs,
- * start: where each column tile's first output lies in an output row (NULL:
- * all positions are outputs, stored at their position). res: residual rows
- * ldr apart, indexed like the bias, or NULL.
+ * taps; masks: per column tile, 4 lane masks per tap column with masks of
+ * its own (see Tile). res: residual rows ldr apart, indexed like the bias,
+ * or NULL.
  */
 static void product(const float* W, long ldw, const int64_t* rows, long M,
                     const Taps* taps, long kc, const float* src, long N,
-                    const uint16_t* keep, const long* start,
-                    const float* bias, const float* res, long ldr, int relu,
-                    float* out, long ldo, int nthreads)
+                    const uint16_t* masks, const float* bias,
+                    const float* res, long ldr, int relu, float* out,
+                    long ldo, int nthreads)
 {
     long row_tiles = (M + MB - 1) / MB, col_tiles = (N + NC - 1) / NC;
     long tiles = row_tiles * col_tiles, G = taps->kh * taps->kw;
-    long jc = RC / G > 0 ? RC / G : 1;
+    long jc = RC / G > 0 ? RC / G : 1, per_tile = 4 * (taps->edges ? taps->kw : 1);
     int columns_outer = (double)M * (jc < kc ? jc : kc) * G * sizeof(float)
                         <= L2_WEIGHTS;
     for (long j0 = 0; j0 < kc || j0 == 0; j0 += jc) {
@@ -362,22 +386,50 @@ static void product(const float* W, long ldw, const int64_t* rows, long M,
             long rt = columns_outer ? b % row_tiles : b / col_tiles;
             long ct = columns_outer ? b / row_tiles : b % col_tiles;
             long m0 = rt * MB, n0 = ct * NC;
-            long mb = M - m0 < MB ? M - m0 : MB, at = start ? start[ct] : n0;
+            long mb = M - m0 < MB ? M - m0 : MB;
             const float* wr[MB];
             const float* rr[MB];
             float tile_bias[MB];
             for (long i = 0; i < MB; i++) {
                 long row = rows ? rows[m0 + (i < mb ? i : 0)] : m0 + (i < mb ? i : 0);
                 wr[i] = W + row * ldw;
-                rr[i] = res ? res + row * ldr + at : NULL;
+                rr[i] = res ? res + row * ldr + n0 : NULL;
                 tile_bias[i] = bias ? bias[row] : 0.f;
             }
             Tile T = {wr, mb, taps, j0, j1, src + n0, N - n0 < NC ? N - n0 : NC,
-                      keep ? keep + 4 * ct : NULL, out + m0 * ldo + at, ldo,
+                      masks + per_tile * ct, out + m0 * ldo + n0, ldo,
                       j0 == 0, j1 == kc, tile_bias, res ? rr : NULL, relu};
             TILE(&T);
         }
     }
+}
+
+/*
+ * The lane masks of product's column tiles over N positions: per tile and
+ * tap column b < nb, bit l of mask q is set where position n = 16 q + l of
+ * the tile exists and, in rows of width (> 0), has its tap inside the row:
+ * 0 <= n % width + b * step - pad < width. Without width, nb = 1 and the
+ * masks are the tiles' positions. NULL without memory.
+ */
+static uint16_t* column_masks(long N, long width, long nb, long step,
+                              long pad)
+{
+    long col_tiles = (N + NC - 1) / NC;
+    uint16_t* masks = (uint16_t*)calloc(col_tiles * nb * 4 > 0 ? col_tiles * nb * 4 : 1,
+                                        sizeof(uint16_t));
+    if (!masks)
+        return NULL;
+    for (long n = 0, x = 0; n < N; n++) {
+        uint16_t* m = masks + (n / NC) * nb * 4 + (n % NC) / 16;
+        for (long b = 0; b < nb; b++) {
+            long tap = x + b * step - pad;
+            if (width <= 0 || (tap >= 0 && tap < width))
+                m[4 * b] |= (uint16_t)(1u << (n % 16));
+        }
+        if (width > 0 && ++x == width)
+            x = 0;
+    }
+    return masks;
 }
 
 /* 1 if the tiles are vectorised (AVX-512, or AVX2 with FMA), 0 for the
@@ -423,12 +475,17 @@ int gathered_gemm(const float* W, long R, long ldw, const int64_t* rows,
     if (!in_range(rows, M, R) || !in_range(cidx, kc, ldw / G))
         return -2;
     int32_t* wch = channel_offsets(cidx, kc, G);
-    if (!wch)
+    uint16_t* masks = column_masks(N, 0, 1, 0, 0);
+    if (!wch || !masks) {
+        free(wch);
+        free(masks);
         return -1;
-    Taps taps = {wch, 1, G, 0, N, G * N};
-    product(W, ldw, rows, M, &taps, kc, cols, N, NULL, NULL, bias, NULL, 0,
-            relu, out, N, nthreads);
+    }
+    Taps taps = {wch, 1, G, 0, N, G * N, 0};
+    product(W, ldw, rows, M, &taps, kc, cols, N, masks, bias, NULL, 0, relu,
+            out, N, nthreads);
     free(wch);
+    free(masks);
     return 0;
 }
 
@@ -436,8 +493,9 @@ int gathered_gemm(const float* W, long R, long ldw, const int64_t* rows,
  * A stride-1 convolution whose output has the input's size H x Wd: input x
  * (kc, H, Wd), weight W (R, ldw = C * kh * kw) of kh x kw taps at dilation
  * (dh, dw) and padding (ph, pw) with dh * (kh - 1) = 2 * ph and
- * dw * (kw - 1) = 2 * pw, out (M, H, Wd); res (R, H, Wd) or NULL. Returns 0,
- * -1 without memory, -2 for an index out of range.
+ * dw * (kw - 1) = 2 * pw, kw <= KW_MAX, out (M, H, Wd); res (R, H, Wd) or
+ * NULL. Returns 0, -1 without memory, -2 for an index out of range, -3 for
+ * kw > KW_MAX.
  */
 int gathered_conv(const float* W, long R, long ldw, const int64_t* rows,
                   long M, const int64_t* cidx, long kc, long kh, long kw,
@@ -447,46 +505,36 @@ int gathered_conv(const float* W, long R, long ldw, const int64_t* rows,
 {
     if (!in_range(rows, M, R) || !in_range(cidx, kc, ldw / (kh * kw)))
         return -2;
-    long Wp = Wd + 2 * pw, Hp = H + 2 * ph, plane = Hp * Wp;
-    long N = (H - 1) * Wp + Wd, col_tiles = (N + NC - 1) / NC;
+    if (kw > KW_MAX)
+        return -3;
+    /* Each channel's map between ph zero rows above and below; a guard of
+     * zeros before the first and after the last covers the reads of the
+     * border taps and of the last tile's vectors past the map (masked). */
+    long plane = (H + 2 * ph) * Wd, N = H * Wd, guard = pw + NC;
     int32_t* wch = channel_offsets(cidx, kc, kh * kw);
-    float* padded = (float*)malloc(sizeof(float) * (kc * plane > 0 ? kc * plane : 1));
-    uint16_t* keep = (uint16_t*)malloc(sizeof(uint16_t) * 4 * col_tiles);
-    long* start = (long*)malloc(sizeof(long) * col_tiles);
-    if (!wch || !padded || !keep || !start) {
+    float* scratch = (float*)malloc(sizeof(float) * (kc * plane + 2 * guard));
+    uint16_t* masks = column_masks(N, Wd, kw, dw, pw);
+    if (!wch || !scratch || !masks) {
         free(wch);
-        free(padded);
-        free(keep);
-        free(start);
+        free(scratch);
+        free(masks);
         return -1;
     }
+    float* maps = scratch + guard;
+    memset(scratch, 0, sizeof(float) * guard);
+    memset(maps + kc * plane, 0, sizeof(float) * guard);
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (long j = 0; j < kc; j++) {
-        float* p = padded + j * plane;
-        const float* s = x + j * H * Wd;
-        memset(p, 0, sizeof(float) * ph * Wp);
-        for (long y = 0; y < H; y++) {
-            float* r = p + (y + ph) * Wp + pw;
-            memset(r - pw, 0, sizeof(float) * pw);
-            memcpy(r, s + y * Wd, sizeof(float) * Wd);
-            memset(r + Wd, 0, sizeof(float) * pw);
-        }
-        memset(p + (H + ph) * Wp, 0, sizeof(float) * ph * Wp);
+        float* p = maps + j * plane;
+        memset(p, 0, sizeof(float) * ph * Wd);
+        memcpy(p + ph * Wd, x + j * N, sizeof(float) * N);
+        memset(p + (H + ph) * Wd, 0, sizeof(float) * ph * Wd);
     }
-    for (long ct = 0; ct < col_tiles; ct++) {
-        long n0 = ct * NC;
-        start[ct] = (n0 / Wp) * Wd + (n0 % Wp < Wd ? n0 % Wp : Wd);
-        for (int q = 0; q < 4; q++) keep[4 * ct + q] = 0;
-        for (long n = n0; n < n0 + NC && n < N; n++)
-            if (n % Wp < Wd)
-                keep[4 * ct + (n - n0) / 16] |= (uint16_t)(1u << ((n - n0) % 16));
-    }
-    Taps taps = {wch, kh, kw, dh * Wp, dw, plane};
-    product(W, ldw, rows, M, &taps, kc, padded, N, keep, start, bias, res,
-            H * Wd, relu, out, H * Wd, nthreads);
+    Taps taps = {wch, kh, kw, dh * Wd, dw, plane, 1};
+    product(W, ldw, rows, M, &taps, kc, maps - pw, N, masks, bias, res, N,
+            relu, out, N, nthreads);
     free(wch);
-    free(padded);
-    free(keep);
-    free(start);
+    free(scratch);
+    free(masks);
     return 0;
 }
