@@ -6,6 +6,7 @@ through the ``PRIORS`` registry. Register your own with
 ``support`` (low, high) and a ``cdf(x)`` that is differentiable in ``x``.
 """
 import math
+from typing import Optional
 
 import torch
 from mmengine.registry import Registry
@@ -37,9 +38,9 @@ class Prior:
         # of the support (gates saturate at 0 and 1); values beyond are
         # clamped and get none.
         if low > -math.inf:
-            x = torch.where(x < low, torch.full_like(x, low), x)
+            x = torch.where(x < low, low, x)
         if high < math.inf:
-            x = torch.where(x > high, torch.full_like(x, high), x)
+            x = torch.where(x > high, high, x)
         return self.cdf(x)
 
 
@@ -114,25 +115,43 @@ def betainc_table(a: float, b: float) -> torch.Tensor:
                      dim=1).t().contiguous()
 
 
-def evaluate_betainc_table(x: torch.Tensor, table: torch.Tensor, a: float,
-                           b: float, log_beta: float) -> torch.Tensor:
+def evaluate_betainc_table(x: torch.Tensor,
+                           table: torch.Tensor,
+                           a: float,
+                           b: float,
+                           log_beta: float,
+                           eps: Optional[float] = None):
     """I_x(a, b) from :func:`betainc_table` for ``x`` in [0, 1], in the
-    dtype of ``table``: about twenty elementwise operations whatever
-    ``a`` and ``b``, instead of a continued fraction per value."""
+    dtype of ``table``, and with ``eps`` its derivative, the Beta(a, b) pdf
+    evaluated on ``[eps, 1 - eps]``: about twenty elementwise operations
+    whatever ``a`` and ``b``, instead of a continued fraction per value.
+
+    Returns:
+        tuple[Tensor, Tensor | None]: I_x(a, b) and the pdf (None without
+        ``eps``).
+    """
     intervals = table.shape[1]
     u = x * intervals
     # NaN reads row 0 and stays NaN through t.
     index = u.floor().nan_to_num_(0.0).clamp_(0, intervals - 1)
-    t = u - index
+    t = u.sub_(index)
     # The table is stored column-wise: five contiguous gathers' worth in one.
     base, c0, c1, c2, c3 = table.index_select(
         1, index.flatten().long()).view((5, ) + x.shape).unbind(0)
-    cubic = ((c3 * t + c2) * t + c1) * t + c0
-    # x^a (1 - x)^b / B(a, b); exactly 0 at x = 0 and x = 1. (log(1 - x)
-    # rather than log1p(-x), four times slower on the CPU: the absolute
-    # error of log(1 - x) is all the product needs.)
-    power = torch.exp(torch.log(x) * a + torch.log(1.0 - x) * b - log_beta)
-    return (base + power * cubic).clamp_(0.0, 1.0)
+    cubic = c0.addcmul(t, c1.addcmul(t, c2.addcmul(t, c3)))
+    # x^a (1 - x)^b / B(a, b), exactly 0 at x = 0 and x = 1, and the pdf
+    # x^(a-1) (1 - x)^(b-1) / B(a, b) share the two logarithms; clamping
+    # them to [log eps, log(1 - eps)] is evaluating the pdf on
+    # [eps, 1 - eps]. (log(1 - x) rather than log1p(-x), four times slower
+    # on the CPU: the absolute error of log(1 - x) is all the product needs.)
+    log_x, log_1mx = torch.log(x), torch.log(1.0 - x)
+    power = torch.exp(log_x * a + log_1mx * b - log_beta)
+    pdf = None
+    if eps is not None:
+        low, high = math.log(eps), math.log1p(-eps)
+        pdf = torch.exp(log_x.clamp_(low, high) * (a - 1.0) +
+                        log_1mx.clamp_(low, high) * (b - 1.0) - log_beta)
+    return base.addcmul(power, cubic).clamp_(0.0, 1.0), pdf
 
 
 class _BetaCDF(torch.autograd.Function):
@@ -142,15 +161,16 @@ class _BetaCDF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, table, a, b, log_beta, eps):
-        ctx.save_for_backward(x)
-        ctx.params = (a, b, log_beta, eps)
-        return evaluate_betainc_table(x, table, a, b, log_beta)
+        # The pdf shares the CDF's logarithms: computed here if needed.
+        cdf, pdf = evaluate_betainc_table(
+            x, table, a, b, log_beta, eps if ctx.needs_input_grad[0] else None)
+        ctx.save_for_backward(pdf)
+        return cdf
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, = ctx.saved_tensors
-        return grad_output * _beta_pdf(x, *ctx.params), None, None, None, \
-            None, None
+        pdf, = ctx.saved_tensors
+        return grad_output * pdf, None, None, None, None, None
 
 
 def _beta_pdf(x, a, b, log_beta, eps):
