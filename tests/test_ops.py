@@ -308,6 +308,23 @@ def test_a_flag_set_the_compiler_refuses_is_passed_over(monkeypatch,
     torch.testing.assert_close(gathered_gemm(weight, cols, 9), weight @ cols)
 
 
+def test_flags_from_the_environment(monkeypatch, tmp_path):
+    """MMGATED_NATIVE_FLAGS is the one flag set tried: here without
+    -march=native, so the tiles are plain C (and 'auto' would leave them),
+    with the same results."""
+    monkeypatch.setattr(native_module, '_library', None)
+    monkeypatch.setenv('MMGATED_CACHE', str(tmp_path))
+    monkeypatch.setenv('MMGATED_NATIVE_FLAGS', ' -O2  -fopenmp ')
+    if not native_available():
+        pytest.skip('no C compiler')
+    assert native_module.native_build_flags() == ('-O2', '-fopenmp')
+    assert not direct_conv_fast()
+    x, weight = torch.randn(1, 3, 6, 5), torch.randn(4, 3, 3, 3)
+    torch.testing.assert_close(gathered_conv2d(x, weight, padding=1),
+                               F.conv2d(x, weight, padding=1),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(native_module, '_library', None)
     monkeypatch.setenv('MMGATED_CACHE', str(tmp_path))

@@ -8,7 +8,8 @@ sources, the flags and the CPU (``-march=native``). The library links
 against the OpenMP runtime that torch has already loaded. Where no compiler
 works, :func:`native_library` is None and the operations compute the same
 with PyTorch operations; ``MMGATED_NATIVE=0`` turns the compiled versions
-off.
+off. ``MMGATED_NATIVE_FLAGS`` replaces the flag sets by its own, e.g.
+``-O3 -mavx2 -mfma -fopenmp`` for the AVX2 tiles on an AVX-512 CPU.
 """
 import ctypes
 import hashlib
@@ -83,6 +84,13 @@ def _compile(compiler: str, flags, target: str) -> bool:
             os.remove(tmp)
 
 
+def _flag_sets():
+    """The compiler flag sets to try in order: ``$MMGATED_NATIVE_FLAGS``
+    alone where set, else :data:`_FLAG_SETS`."""
+    flags = os.environ.get('MMGATED_NATIVE_FLAGS', '').strip()
+    return (tuple(shlex.split(flags)), ) if flags else _FLAG_SETS
+
+
 def c_compiler():
     """The C compiler that builds the operations: ``$CC``, else ``cc`` or
     ``gcc`` on the path; None if there is none."""
@@ -107,7 +115,7 @@ def native_library():
     for path in _SOURCES:
         with open(path, 'rb') as f:
             sources += f.read()
-    for flags in _FLAG_SETS:
+    for flags in _flag_sets():
         key = hashlib.sha1(b'\0'.join([
             sources, ' '.join((compiler, ) + flags).encode(),
             _cpu_signature().encode()
