@@ -56,6 +56,21 @@ def test_gradient_is_routed_back_through_the_sort():
     np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-6)
 
 
+def test_beta_pdf_is_scipys_on_eps_to_one_minus_eps():
+    """BetaPrior.pdf, the derivative the CDF's backward uses, is scipy's
+    pdf of x clamped to [eps, 1 - eps], also at and beyond the support's
+    ends; and the CDF's gradient is that pdf."""
+    prior = build_prior(dict(type='beta', a=0.6, b=0.4, eps=1e-6))
+    x = torch.tensor([-0.5, 0.0, 1e-8, 0.3, 0.999, 1.0, 1.5],
+                     dtype=torch.float64)
+    expected = stats.beta.pdf(np.clip(x.numpy(), 1e-6, 1 - 1e-6), 0.6, 0.4)
+    np.testing.assert_allclose(prior.pdf(x).numpy(), expected, rtol=1e-9)
+    inside = x[1:-1].clone().requires_grad_(True)
+    prior.cdf(inside).sum().backward()
+    np.testing.assert_allclose(inside.grad.numpy(), expected[1:-1],
+                               rtol=1e-9)
+
+
 @pytest.mark.parametrize('prior', [p[0] for p in PRIOR_CASES])
 def test_gradient_matches_finite_differences(prior):
     torch.manual_seed(1)

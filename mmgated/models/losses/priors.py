@@ -140,17 +140,13 @@ def evaluate_betainc_table(x: torch.Tensor,
         1, index.flatten().long()).view((5, ) + x.shape).unbind(0)
     cubic = c0.addcmul(t, c1.addcmul(t, c2.addcmul(t, c3)))
     # x^a (1 - x)^b / B(a, b), exactly 0 at x = 0 and x = 1, and the pdf
-    # x^(a-1) (1 - x)^(b-1) / B(a, b) share the two logarithms; clamping
-    # them to [log eps, log(1 - eps)] is evaluating the pdf on
-    # [eps, 1 - eps]. (log(1 - x) rather than log1p(-x), four times slower
-    # on the CPU: the absolute error of log(1 - x) is all the product needs.)
+    # share the two logarithms. (log(1 - x) rather than log1p(-x), four
+    # times slower on the CPU: the absolute error of log(1 - x) is all the
+    # product needs.)
     log_x, log_1mx = torch.log(x), torch.log(1.0 - x)
     power = torch.exp(log_x * a + log_1mx * b - log_beta)
-    pdf = None
-    if eps is not None:
-        low, high = math.log(eps), math.log1p(-eps)
-        pdf = torch.exp(log_x.clamp_(low, high) * (a - 1.0) +
-                        log_1mx.clamp_(low, high) * (b - 1.0) - log_beta)
+    pdf = None if eps is None else _beta_pdf_of_logs(log_x, log_1mx, a, b,
+                                                     log_beta, eps)
     return base.addcmul(power, cubic).clamp_(0.0, 1.0), pdf
 
 
@@ -173,12 +169,21 @@ class _BetaCDF(torch.autograd.Function):
         return grad_output * pdf, None, None, None, None, None
 
 
+def _beta_pdf_of_logs(log_x, log_1mx, a, b, log_beta, eps):
+    """The Beta(a, b) density from ``log(x)`` and ``log(1 - x)``, evaluated
+    on [eps, 1 - eps] (the logarithms clamped to [log eps, log(1 - eps)])
+    so that it is finite at 0 and 1."""
+    low, high = math.log(eps), math.log1p(-eps)
+    return torch.exp(log_x.clamp(low, high) * (a - 1.0) +
+                     log_1mx.clamp(low, high) * (b - 1.0) - log_beta)
+
+
 def _beta_pdf(x, a, b, log_beta, eps):
-    """The Beta(a, b) density, evaluated on [eps, 1 - eps] so that it is
-    finite at 0 and 1."""
-    xc = x.clamp(eps, 1.0 - eps)
-    return torch.exp(torch.log(xc) * (a - 1.0) +
-                     torch.log(1.0 - xc) * (b - 1.0) - log_beta)
+    """The Beta(a, b) density of ``x`` clamped to [0, 1], evaluated on
+    [eps, 1 - eps] so that it is finite at 0 and 1."""
+    x = x.clamp(0.0, 1.0)
+    return _beta_pdf_of_logs(torch.log(x), torch.log(1.0 - x), a, b,
+                             log_beta, eps)
 
 
 @PRIORS.register_module('beta')
