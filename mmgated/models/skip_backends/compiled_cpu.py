@@ -39,9 +39,9 @@ WEIGHT_BOUND_PIXELS = 64
 
 # gathered_conv2d keeps one operand in L2 while it streams the other: the
 # weight (if it has at most 512 KB, see csrc/gathered_product.c) or else the
-# input map between its zero rows. Where both are larger (the 32x32 maps of 256-512
-# channels in PSPNet-R50-D8's stages 3-4) it would read one of them from
-# memory for every tile; oneDNN blocks such products better.
+# input map between its zero rows. Where both are larger (the 32x32 maps of
+# 256-512 channels in PSPNet-R50-D8's stages 3-4) it would read one of them
+# from memory for every tile; oneDNN blocks such products better.
 DIRECT_WEIGHT_BYTES = 512 * 1024
 DIRECT_INPUT_BYTES = 1024 * 1024
 

@@ -48,14 +48,14 @@
  * Where the reduction reads: input channel j's tap (a, b), a < kh, b < kw,
  * lies at src + j * plane + a * rowstep + b * step, and its weight at
  * wr[i][wch[j] + a * kw + b]. An im2col matrix is the case kh = 1, kw = G,
- * step = N, plane = G * N. edges: the reads of tap column b are masked by
- * the tile's masks of b (a convolution's left and right borders), else by
- * its first (the positions of the tile) for every b.
+ * step = N, plane = G * N. mask_columns: the tap columns with lane masks
+ * of their own, kw for a convolution's left and right borders; with 1, all
+ * tap columns read by the first column's (the positions of the tile).
  */
 typedef struct {
     const int32_t* wch;
     long kh, kw, rowstep, step, plane;
-    int edges;
+    long mask_columns;
 } Taps;
 
 /* The most tap columns with masks of their own (gathered_conv's limit on
@@ -69,8 +69,8 @@ typedef struct {
     long j0, j1;             /* input channels of this pass */
     const float* src;        /* source, at the tile's first position */
     long nn;                 /* positions of the tile (<= NC) */
-    /* 4 lane masks (16 positions each) per tap column (see Taps.edges):
-     * which reads of the tile are inside the map. */
+    /* 4 lane masks (16 positions each) per Taps.mask_columns: which reads
+     * of the tile are inside the map. */
     const uint16_t* masks;
     float* out;              /* row 0's output at the tile's first position */
     long ldo;
@@ -80,8 +80,9 @@ typedef struct {
     int relu;
 } Tile;
 
-/* The masks of tap column b in a tile. */
-#define TAP_MASKS(T, b) ((T)->masks + 4 * ((T)->taps->edges ? (b) : 0))
+/* The column of masks that tap column b reads by, and its masks in a tile. */
+#define MASK_COLUMN(P, b) ((P)->mask_columns > 1 ? (b) : 0)
+#define TAP_MASKS(T, b) ((T)->masks + 4 * MASK_COLUMN((T)->taps, b))
 
 /*
  * A tile pass's reduction: STEP(c, o, b, centre) for each input channel of
@@ -274,7 +275,7 @@ static inline __attribute__((always_inline)) void chunk2(
 {
     const Taps* P = T->taps;
     __m256i mk[KW_MAX][2];
-    for (long b = 0; HOW != READ_ALL && b < (P->edges ? P->kw : 1); b++) {
+    for (long b = 0; HOW != READ_ALL && b < P->mask_columns; b++) {
         unsigned bits = TAP_MASKS(T, b)[q];
         mk[b][0] = lanes_of(bits & 0xFF);
         mk[b][1] = lanes_of(bits >> 8);
@@ -291,7 +292,7 @@ static inline __attribute__((always_inline)) void chunk2(
         a##i##0 = _mm256_fmadd_ps(w, c0, a##i##0); \
         a##i##1 = _mm256_fmadd_ps(w, c1, a##i##1); }
 #define STEP(c, o, b, centre) { const float* s_ = (c); long o_ = (o); \
-        long e_ = P->edges ? (b) : 0; \
+        long e_ = MASK_COLUMN(P, b); \
         __m256 c0, c1; \
         if (HOW == READ_AND && (centre)) { \
             c0 = _mm256_loadu_ps(s_); \
@@ -327,11 +328,11 @@ static inline __attribute__((always_inline)) void tile_rows2(const Tile* T,
     for (long q = 0; 16 * q < T->nn; q++) {
         /* Whether every tap of the chunk's 16 positions is inside. */
         int inside = 1;
-        for (long b = 0; b < (T->taps->edges ? T->taps->kw : 1); b++)
+        for (long b = 0; b < T->taps->mask_columns; b++)
             inside &= TAP_MASKS(T, b)[q] == 0xFFFF;
         if (inside)
             chunk2(T, acc, q, R, READ_ALL);
-        else if (T->taps->edges)
+        else if (T->taps->mask_columns > 1)
             chunk2(T, acc, q, R, READ_AND);
         else
             chunk2(T, acc, q, R, READ_MASKED);
@@ -371,7 +372,7 @@ static void product(const float* W, long ldw, const int64_t* rows, long M,
 {
     long row_tiles = (M + MB - 1) / MB, col_tiles = (N + NC - 1) / NC;
     long tiles = row_tiles * col_tiles, G = taps->kh * taps->kw;
-    long jc = RC / G > 0 ? RC / G : 1, per_tile = 4 * (taps->edges ? taps->kw : 1);
+    long jc = RC / G > 0 ? RC / G : 1, per_tile = 4 * taps->mask_columns;
     int columns_outer = (double)M * (jc < kc ? jc : kc) * G * sizeof(float)
                         <= L2_WEIGHTS;
     for (long j0 = 0; j0 < kc || j0 == 0; j0 += jc) {
@@ -481,7 +482,7 @@ int gathered_gemm(const float* W, long R, long ldw, const int64_t* rows,
         free(masks);
         return -1;
     }
-    Taps taps = {wch, 1, G, 0, N, G * N, 0};
+    Taps taps = {wch, 1, G, 0, N, G * N, 1};
     product(W, ldw, rows, M, &taps, kc, cols, N, masks, bias, NULL, 0, relu,
             out, N, nthreads);
     free(wch);
@@ -530,7 +531,7 @@ int gathered_conv(const float* W, long R, long ldw, const int64_t* rows,
         memcpy(p + ph * Wd, x + j * N, sizeof(float) * N);
         memset(p + (H + ph) * Wd, 0, sizeof(float) * ph * Wd);
     }
-    Taps taps = {wch, kh, kw, dh * Wd, dw, plane, 1};
+    Taps taps = {wch, kh, kw, dh * Wd, dw, plane, kw};
     product(W, ldw, rows, M, &taps, kc, maps - pw, N, masks, bias, res, N,
             relu, out, N, nthreads);
     free(wch);
